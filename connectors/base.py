@@ -1,0 +1,182 @@
+"""The connector plugin surface: subclass `Connector`, give it a config model, register it.
+
+A connector file holds a `<Kind>Config`, a `<Kind>Cursor`, pure mapping functions and one
+`<Kind>Connector`. The base owns what they share: the retry policy (tenacity, honouring
+`Retry-After`, only for `TransientError`), error translation through `translate_errors()`, the
+clock, and request accounting. A connector yields pages; it never saves state or opens a
+database session: the engine commits each page together with its cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity.stop import stop_base
+
+from connectors.errors import PushError, TransientError
+from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState
+from store.durations import Duration
+
+T = TypeVar("T")
+
+
+class RetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(5, ge=1, le=20, description="Tries per request before the sync fails (reads only).")
+    max_wait: Duration = Field(
+        timedelta(seconds=60),
+        description="Longest single back-off; a Retry-After beyond it stops the sync until the next run.",
+    )
+
+
+class ConnectorConfig(BaseModel):
+    """Keys every connector accepts; a connector's own model subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="Connector type: github, jira, slack, imap, csv, or a plugin's type.")
+    enabled: bool = Field(True, description="Disabled connectors are skipped by sync and the daemon.")
+    interval: Duration = Field(timedelta(minutes=5), description='How often the daemon syncs it, e.g. "5m".')
+    bots: list[str] = Field(
+        default_factory=list,
+        description="Account names or ids in this source whose changes never count as human activity.",
+    )
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Back-off for transient faults.")
+
+
+ConfigT = TypeVar("ConfigT", bound=ConnectorConfig)
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """What a sync cost the source; the engine stores it and the daemon exports it."""
+
+    requests: int = 0
+    not_modified: int = 0
+    retries: int = 0
+    rate_limit_remaining: int | None = None
+
+
+class _WaitRetryAfter:
+    """Wait what the server asked for (Retry-After), else exponential back-off with jitter."""
+
+    def __init__(self, max_wait: float) -> None:
+        self.max_wait = max_wait
+        self.fallback = wait_random_exponential(multiplier=0.5, max=max_wait)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hint = getattr(exc, "retry_after", None)
+        if hint is not None:
+            return min(float(hint), self.max_wait)
+        return float(self.fallback(state))
+
+
+class Connector(ABC, Generic[ConfigT, CursorT]):
+    """Base class of every connector (built-in or plugin)."""
+
+    kind: ClassVar[str]
+    config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    cursor_model: ClassVar[type[Cursor]] = Cursor
+
+    def __init__(
+        self,
+        name: str,
+        config: ConfigT,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._sleep = sleep
+        self.stats = RequestStats()
+        self.log = logging.getLogger(f"trackloop.connector.{name}")
+
+    # -- the surface a connector implements ------------------------------------------------
+    @abstractmethod
+    def pull(self, state: SyncState[CursorT]) -> Iterator[Page[CursorT]]:
+        """Yield pages of records, each with the state to save once the page is committed."""
+
+    def push(self, action: Action) -> PushResult:
+        """Deliver an action exactly once per `action.key`; connectors that can write override."""
+        raise PushError(f"connector {self.name!r} ({self.kind}) cannot deliver {action.kind!r}", permanent=True)
+
+    @abstractmethod
+    def check(self) -> CheckResult:
+        """One cheap call that tells `trackloop doctor` whether the connector can work."""
+
+    def translate_errors(self) -> AbstractContextManager[Any]:
+        """Map the client library's exceptions to `connectors.errors`; override per connector."""
+        return nullcontext()
+
+    def close(self) -> None:
+        """Release connections; called by the engine after each sync."""
+
+    # -- shared behaviour -------------------------------------------------------------------
+    def now(self) -> datetime:
+        return self._clock()
+
+    def load_cursor(self, raw: dict[str, Any] | None) -> CursorT | None:
+        """Parse a stored cursor; one of an older version or another shape starts afresh."""
+        if not raw:
+            return None
+        try:
+            cursor = self.cursor_model.model_validate(raw)
+        except ValueError:
+            self.log.warning("stored cursor of %s is unreadable; starting a full pull", self.name)
+            return None
+        if cursor.version != self.cursor_model.model_fields["version"].default:
+            self.log.info("stored cursor of %s has an older version; starting a full pull", self.name)
+            return None
+        return cursor  # type: ignore[return-value]
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a read, translated and retried on transient faults per the connector's policy."""
+        policy = self.config.retry
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(policy.attempts) | _stop_on_long_wait(policy.max_wait.total_seconds()),
+            wait=_WaitRetryAfter(policy.max_wait.total_seconds()),
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        return retrying(self._translated, fn, *args, **kwargs)
+
+    def once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a write exactly once, translated; the outbox is the only retry layer for writes."""
+        return self._translated(fn, *args, **kwargs)
+
+    def _translated(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.translate_errors():
+            return fn(*args, **kwargs)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.stats.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0
+        self.log.warning("%s: %s; retry %d in %.1fs", self.name, exc, state.attempt_number, wait)
+
+
+class _stop_on_long_wait(stop_base):
+    """Stop retrying when the server asks for a wait longer than the policy allows."""
+
+    def __init__(self, max_wait: float) -> None:
+        self.max_wait = max_wait
+
+    def __call__(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        hint = getattr(exc, "retry_after", None)
+        return hint is not None and float(hint) > self.max_wait

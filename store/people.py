@@ -1,0 +1,128 @@
+"""People and their tool identities: loading them from config and resolving task owners."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from store.canonical import IdentityKind, IdentityRef
+from store.models import Identity, Person, Task
+
+
+def normalize(kind: str, value: str) -> str:
+    """Logins and addresses compare case-insensitively; Slack and Jira ids are case-sensitive."""
+    value = value.strip()
+    if kind in (IdentityKind.EMAIL, IdentityKind.GITHUB, IdentityKind.PERSON):
+        return value.lower()
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PersonSpec:
+    """A `[people.KEY]` table in plain terms."""
+
+    key: str
+    name: str | None = None
+    lead: bool = False
+    identities: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (kind, value)
+
+
+def sync_people(session: Session, specs: Iterable[PersonSpec]) -> None:
+    """Make the people table match the config.
+
+    A configured identity that an earlier sync attached to an auto-created person moves to the
+    configured person, and that person's tasks follow, so adding someone to the config later
+    never leaves tasks pointing at a stray duplicate.
+    """
+    specs = list(specs)
+    people = {p.key: p for p in session.scalars(select(Person))}
+    for spec in specs:
+        person = people.get(spec.key)
+        if person is None:
+            person = Person(key=spec.key)
+            session.add(person)
+            people[spec.key] = person
+        person.name, person.lead, person.from_config = spec.name, spec.lead, True
+    configured = {s.key for s in specs}
+    for key, person in people.items():
+        if person.from_config and key not in configured:
+            person.from_config, person.lead = False, False
+    session.flush()
+
+    for spec in specs:
+        person = people[spec.key]
+        for kind, value in spec.identities:
+            norm = normalize(kind, value)
+            ident = session.scalar(select(Identity).where(Identity.kind == kind, Identity.value == norm))
+            if ident is None:
+                session.add(Identity(person_id=person.id, kind=kind, value=norm))
+            elif ident.person_id != person.id:
+                _move_identity(session, ident, person)
+    session.flush()
+
+
+def _move_identity(session: Session, ident: Identity, to: Person) -> None:
+    old = session.get(Person, ident.person_id)
+    ident.person_id = to.id
+    if old is not None and not old.from_config:
+        session.execute(update(Task).where(Task.owner_id == old.id).values(owner_id=to.id))
+        session.execute(update(Task).where(Task.reporter_id == old.id).values(reporter_id=to.id))
+
+
+class IdentityResolver:
+    """Maps identity refs to person ids, creating a person for an identity nobody configured.
+
+    Caches across pages; `rollback()` forgets what the failed transaction created, so a cached
+    id never points at a row that was rolled back.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], int] = {}
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def rollback(self) -> None:
+        self._pending.clear()
+
+    def commit(self) -> None:
+        self._known.update(self._pending)
+        self._pending.clear()
+
+    def resolve(self, session: Session, ref: IdentityRef | None) -> int | None:
+        if ref is None or not ref.value.strip():
+            return None
+        key = (str(ref.kind), normalize(ref.kind, ref.value))
+        found = self._known.get(key) or self._pending.get(key)
+        if found is not None:
+            return found
+        person_id = self._lookup(session, *key)
+        if person_id is None and ref.email:
+            person_id = self._lookup(session, IdentityKind.EMAIL, normalize(IdentityKind.EMAIL, ref.email))
+            if person_id is not None:  # matched by email: remember the tool identity too
+                session.add(Identity(person_id=person_id, kind=key[0], value=key[1]))
+        if person_id is None:
+            person_id = self._create(session, ref, key)
+        self._pending[key] = person_id
+        return person_id
+
+    @staticmethod
+    def _lookup(session: Session, kind: str, value: str) -> int | None:
+        if kind == IdentityKind.PERSON:
+            return session.scalar(select(Person.id).where(Person.key == value))
+        return session.scalar(select(Identity.person_id).where(Identity.kind == kind, Identity.value == value))
+
+    @staticmethod
+    def _create(session: Session, ref: IdentityRef, key: tuple[str, str]) -> int:
+        person_key = key[1] if ref.kind == IdentityKind.PERSON else f"{key[0]}:{key[1]}"
+        person = Person(key=person_key, name=ref.display_name)
+        session.add(person)
+        session.flush()
+        if ref.kind != IdentityKind.PERSON:
+            session.add(Identity(person_id=person.id, kind=key[0], value=key[1]))
+            if ref.email:
+                email = normalize(IdentityKind.EMAIL, ref.email)
+                if session.scalar(select(Identity.id).where(Identity.kind == "email", Identity.value == email)) is None:
+                    session.add(Identity(person_id=person.id, kind="email", value=email))
+        return person.id

@@ -1,0 +1,367 @@
+"""The `trackloop` command line. The only module that prints: data to stdout, messages to stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from connectors.registry import PluginError, connector_types, discover
+from store import db as store_db
+from store.canonical import Status
+from store.db import Store
+from store.errors import ConfigError, TrackloopError
+from store.queries import TaskFilter, list_tasks, task_json
+from store.sync_state import all_states
+from sync.config import AppConfig, config_schema, load_config
+from sync.engine import SyncEngine, SyncResult, build_connector
+from sync.logs import REDACT, setup_logging
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="trackloop",
+    help="One source of truth for your team's tasks, from the tools you already use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check and describe the configuration file.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+EXIT_CONNECTOR_FAILED = 1
+EXIT_CONFIG = 2
+
+
+class Settings:
+    """Global options, shared by every command through typer's context."""
+
+    config_path: Path = Path("trackloop.toml")
+    debug: bool = False
+
+
+SETTINGS = Settings()
+
+
+@app.callback()
+def _global(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", envvar="TRACKLOOP_CONFIG", help="Config file.", show_default=True),
+    ] = Path("trackloop.toml"),
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="Log format: text or json.")] = "text",
+) -> None:
+    SETTINGS.config_path, SETTINGS.debug = config, debug
+    level = logging.DEBUG if verbose > 1 or debug else logging.INFO if verbose else logging.WARNING
+    setup_logging(level=level, fmt=log_format)
+
+
+def guarded(fn: F) -> F:
+    """Turn trackloop errors into one redacted line on stderr and the documented exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                err.print(REDACT(str(problem)), markup=False)
+            raise typer.Exit(EXIT_CONFIG) from None
+        except (TrackloopError, PluginError) as exc:
+            if SETTINGS.debug:
+                raise
+            err.print(f"error: {REDACT(str(exc))}", markup=False)
+            raise typer.Exit(EXIT_CONNECTOR_FAILED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load() -> AppConfig:
+    config = load_config(SETTINGS.config_path, connector_types=connector_types())
+    REDACT.add(config.secrets())
+    return config
+
+
+@contextmanager
+def opened(config: AppConfig) -> Iterator[Store]:
+    store = Store(config.store.url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def on_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines with a header when piped."""
+    if on_terminal():
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
+
+
+def print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+# -- init / config / db --------------------------------------------------------------------
+STARTER = """\
+# trackloop configuration; every key is documented in config.example.toml.
+[store]
+url = "sqlite:///trackloop.db"
+
+[people.alice]
+name = "Alice Kim"
+email = "alice@example.com"
+lead = true
+
+[connectors.sheet]
+type = "csv"
+path = "tasks.csv"
+id_column = "ID"
+columns = { title = "Task", status = "Status", owner = "Owner", due = "Due" }
+"""
+
+
+@app.command()
+@guarded
+def init(
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a starter config file (to --config, default ./trackloop.toml)."""
+    path = SETTINGS.config_path
+    if path.exists() and not force:
+        err.print(f"{path} exists; use --force to overwrite", markup=False)
+        raise typer.Exit(EXIT_CONFIG)
+    path.write_text(STARTER, encoding="utf-8")
+    os.chmod(path, 0o600)  # it will hold or reference credentials
+    err.print(f"wrote {path}; edit it, then run `trackloop config validate`", markup=False)
+
+
+@config_app.command("validate")
+@guarded
+def config_validate() -> None:
+    """Check the config file; print one line per problem and exit 2 if there are any."""
+    config = load()
+    err.print(f"{SETTINGS.config_path}: ok ({len(config.connectors)} connectors, {len(config.people)} people)",
+              markup=False)
+
+
+@config_app.command("schema")
+@guarded
+def config_schema_cmd() -> None:
+    """Print the JSON Schema of the config file, including every installed connector type."""
+    print_json(config_schema(connector_types()))
+
+
+@db_app.command("upgrade")
+@guarded
+def db_upgrade() -> None:
+    """Migrate the store's schema to this version of trackloop."""
+    config = load()
+    store = Store(config.store.url, migrate=False)
+    try:
+        store_db.upgrade(store.engine)
+        err.print(f"store at {store_db.redact_url(config.store.url)} is at {store_db.head_revision()}",
+                  markup=False)
+    finally:
+        store.close()
+
+
+# -- doctor / sync / status / tasks -----------------------------------------------------------
+@app.command()
+@guarded
+def doctor() -> None:
+    """List installed connector types and check each configured connector with one cheap call."""
+    plugins = discover()
+    print_table("connector types", ["type", "class", "distribution", "version"],
+                [[p.name, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
+                 for p in plugins.values()])
+    config = load()
+    types = connector_types()
+    rows, failed = [], False
+    for name, cfg in config.connectors.items():
+        connector = build_connector(config, types, name)
+        try:
+            verdict = connector.check()
+            ok, detail = verdict.ok, verdict.detail
+        except TrackloopError as exc:
+            ok, detail = False, str(exc)
+        finally:
+            connector.close()
+        failed |= not ok
+        rows.append([name, cfg.type, "ok" if ok else "FAIL", REDACT(detail)])
+    print_table("connectors", ["connector", "type", "check", "detail"], rows)
+    if failed:
+        raise typer.Exit(EXIT_CONNECTOR_FAILED)
+
+
+@app.command()
+@guarded
+def sync(
+    connector: Annotated[
+        list[str] | None, typer.Option("--connector", help="Only this connector (repeatable).")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-list everything and cancel what is gone.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Pull and report; write nothing.")] = False,
+) -> None:
+    """Pull every enabled connector (or the named ones) into the store."""
+    config = load()
+    for name in connector or []:
+        if name not in config.connectors:
+            raise ConfigError([_unknown_connector(config, name)])
+    with opened(config) as store:
+        results = _run_sync(store, config, connector, full=full, dry_run=dry_run)
+    _print_results(results, dry_run=dry_run)
+    if any(not r.ok for r in results):
+        raise typer.Exit(EXIT_CONNECTOR_FAILED)
+
+
+def _unknown_connector(config: AppConfig, name: str) -> Any:
+    from store.errors import ConfigProblem
+
+    known = ", ".join(config.connectors) or "none configured"
+    return ConfigProblem(config.file, f"connectors.{name}", f"no such connector (configured: {known})")
+
+
+def _run_sync(
+    store: Store, config: AppConfig, only: list[str] | None, *, full: bool, dry_run: bool
+) -> list[SyncResult]:
+    if not on_terminal():
+        return SyncEngine(store, config, connector_types()).run(only or None, full=full, dry_run=dry_run)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        bar = progress.add_task("syncing", total=None)
+
+        def on_page(name: str, result: SyncResult) -> None:
+            seen = result.upserts.inserted + result.upserts.updated + result.upserts.unchanged
+            progress.update(bar, description=f"{name}: {result.pages} pages, {seen} tasks")
+
+        return SyncEngine(store, config, connector_types(), on_page=on_page).run(
+            only or None, full=full, dry_run=dry_run
+        )
+
+
+def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
+    rows = []
+    for r in results:
+        u = r.upserts
+        outcome = "ok" if r.ok else "FAILED"
+        rows.append([r.connector, r.kind, outcome, str(u.inserted), str(u.updated), str(u.unchanged),
+                     str(u.cancelled), str(r.requests.requests), f"{r.seconds:.2f}s",
+                     REDACT(r.error or r.note or "")])
+    title = "sync (dry run: nothing written)" if dry_run else "sync"
+    print_table(title, ["connector", "type", "result", "new", "changed", "unchanged", "cancelled",
+                        "requests", "time", "detail"], rows)
+    for r in results:
+        if not r.ok:
+            err.print(f"error: {r.connector}: {REDACT(r.error or '')}", markup=False)
+
+
+@app.command()
+@guarded
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (see README).")] = False,
+) -> None:
+    """Show each configured connector's last sync: success, error and cursor."""
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        states = all_states(session)
+        doc = []
+        for name, cfg in config.connectors.items():
+            row = states.get(name)
+            doc.append({
+                "connector": name,
+                "type": cfg.type,
+                "enabled": cfg.enabled,
+                "interval": int(cfg.interval.total_seconds()),
+                "last_success": row.last_success.isoformat() if row and row.last_success else None,
+                "last_attempt": row.last_attempt.isoformat() if row and row.last_attempt else None,
+                "last_error": REDACT(row.last_error) if row and row.last_error else None,
+                "last_error_at": row.last_error_at.isoformat() if row and row.last_error_at else None,
+                "cursor": row.cursor if row else None,
+                "last_stats": row.last_stats if row else {},
+            })
+    if as_json:
+        print_json(doc)
+        return
+    print_table("connectors", ["connector", "type", "enabled", "last success", "last error"],
+                [[d["connector"], d["type"], "yes" if d["enabled"] else "no", d["last_success"] or "never",
+                  d["last_error"] or ""] for d in doc])
+
+
+@app.command()
+@guarded
+def tasks(
+    owner: Annotated[str | None, typer.Option("--owner", help='Person key; "none" for unowned.')] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Connector name.")] = None,
+    status_: Annotated[
+        list[Status] | None, typer.Option("--status", help="Only these statuses (repeatable).")
+    ] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Include done and cancelled tasks.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (see README).")] = False,
+) -> None:
+    """List tasks (default: open ones: todo, in_progress, blocked)."""
+    config = load()
+    flt = TaskFilter(owner=owner, source=source, statuses=[s.value for s in status_ or []], include_closed=show_all)
+    with opened(config) as store, store.transaction() as session:
+        found = list_tasks(session, flt)
+        docs = [task_json(task, key) for task, key in found]
+    if as_json:
+        print_json(docs)
+        return
+    render_tasks(docs)
+
+
+def render_tasks(docs: list[dict[str, Any]], title: str = "tasks") -> None:
+    print_table(f"{title} ({len(docs)})", ["task", "title", "status", "owner", "due", "priority"],
+                [[f"{d['source']}:{d['external_id']}", d["title"][:80], d["status"], d["owner"] or "-",
+                  d["due"] or "-", d["priority"]] for d in docs])
+
+
+@app.command()
+@guarded
+def demo(
+    path: Annotated[Path, typer.Option("--db", help="Where the demo store goes.")] = Path("trackloop-demo.db"),
+) -> None:
+    """Seed a small team offline, run the whole pipeline and show the result (no config needed)."""
+    from sync.demo import run_demo
+
+    docs = run_demo(path)
+    render_tasks(docs, title=f"demo tasks in {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Loading `trackloop.toml`: TOML, `${ENV}` interpolation, `TRACKLOOP_*` overrides, validation.
+
+Validation runs in two steps because connector sections are typed by their `type` key: the
+top level first, then each `[connectors.NAME]` by the model its type's plugin declares. Every
+problem becomes one `ConfigProblem(file, key path, message)`; nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from connectors.base import Connector, ConnectorConfig
+from store.canonical import IdentityKind
+from store.errors import ConfigError, ConfigProblem
+from store.people import PersonSpec
+
+ENV_PREFIX = "TRACKLOOP_"
+_ENV_REF = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str = Field(
+        "sqlite:///trackloop.db",
+        description="SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://USER@HOST/DB.",
+    )
+
+
+class PersonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = Field(None, description="Display name.")
+    email: list[str] = Field(default_factory=list, description="Email address, or a list of them.")
+    github: list[str] = Field(default_factory=list, description="GitHub login(s).")
+    jira: list[str] = Field(default_factory=list, description="Jira accountId (Cloud) or username (Server/DC).")
+    slack: list[str] = Field(default_factory=list, description="Slack user id(s), e.g. U01ALICE.")
+    lead: bool = Field(False, description="Leads receive digests and escalations.")
+
+    @field_validator("email", "github", "jira", "slack", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("email")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "@" not in item:
+                raise ValueError(f"expected an email address, got {item!r}")
+        return value
+
+    def spec(self, key: str) -> PersonSpec:
+        identities = [(IdentityKind.EMAIL.value, v) for v in self.email]
+        identities += [(IdentityKind.GITHUB.value, v) for v in self.github]
+        identities += [(IdentityKind.JIRA.value, v) for v in self.jira]
+        identities += [(IdentityKind.SLACK.value, v) for v in self.slack]
+        return PersonSpec(key=key, name=self.name, lead=self.lead, identities=tuple(identities))
+
+
+class TopLevel(BaseModel):
+    """The file's shape before connector sections are typed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Where trackloop keeps its data.")
+    people: dict[str, PersonConfig] = Field(default_factory=dict, description="The team, by person key.")
+    connectors: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Sources by name; the name becomes each task's `source`."
+    )
+    rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Rule settings by rule id.")
+    notify: dict[str, Any] = Field(default_factory=dict, description="Push-back policy.")
+    digests: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Lead digests by name.")
+
+
+class AppConfig(BaseModel):
+    """The validated configuration the rest of trackloop reads."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    file: str = ""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    people: dict[str, PersonConfig] = Field(default_factory=dict)
+    connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
+    rules: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    notify: dict[str, Any] = Field(default_factory=dict)
+    digests: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def secrets(self) -> list[str]:
+        """Every secret value in the config, for the log redactor."""
+        found: list[str] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+            elif hasattr(value, "get_secret_value"):
+                secret = value.get_secret_value()
+                if secret:
+                    found.append(secret)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, list | tuple):
+                for item in value:
+                    walk(item)
+
+        walk(self)
+        password = _url_password(self.store.url)
+        if password:
+            found.append(password)
+        return found
+
+
+def _url_password(url: str) -> str | None:
+    match = re.match(r"^[a-z0-9+]+://[^:/@]+:([^@]+)@", url)
+    return match.group(1) if match else None
+
+
+# -- reading ---------------------------------------------------------------------------------
+def format_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: tuple[Any, ...], problems: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        def sub(match: re.Match[str]) -> str:
+            if match.group(1) == "$":
+                return "$"
+            name = match.group(2)
+            if name not in env:
+                problems.append((format_path(path), f"environment variable {name} is not set"))
+                return ""
+            return env[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, (*path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, (*path, i), problems) for i, v in enumerate(value)]
+    return value
+
+
+def _env_value(raw: str) -> Any:
+    """Env values are strings; a JSON list or table may be given for list and table keys."""
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """`TRACKLOOP_CONNECTORS__GH__TOKEN=x` sets connectors.gh.token (names match case-insensitively)."""
+    sections = set(TopLevel.model_fields)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if parts[0] not in sections or len(parts) < 2 or not all(parts):
+            continue  # TRACKLOOP_CONFIG and friends are not config keys
+        node = data
+        for part in parts[:-1]:
+            match = next((k for k in node if isinstance(k, str) and k.lower() == part), part)
+            child = node.setdefault(match, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            leaf = next((k for k in node if k.lower() == parts[-1]), parts[-1])
+            node[leaf] = _env_value(env[name])
+
+
+def _problems_from(exc: ValidationError, file: str, prefix: tuple[Any, ...] = ()) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        elif "input" in err and err["type"].endswith("_type"):
+            msg = f"{msg}, got {err['input']!r}"
+        out.append(ConfigProblem(file, format_path(loc), msg))
+    return out
+
+
+def parse_config(
+    data: dict[str, Any],
+    *,
+    file: str = "",
+    env: Mapping[str, str] | None = None,
+    connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+) -> AppConfig:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    raw_problems: list[tuple[str, str]] = []
+    data = _interpolate(data, env, (), raw_problems)
+    _apply_env_overrides(data, env)
+    problems = [ConfigProblem(file, path, msg) for path, msg in raw_problems]
+    try:
+        top = TopLevel.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems + _problems_from(exc, file)) from None
+
+    connectors: dict[str, ConnectorConfig] = {}
+    for name, section in top.connectors.items():
+        path = ("connectors", name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            problems.append(ConfigProblem(file, format_path(path), "names may hold letters, digits, _ . - only"))
+            continue
+        kind = section.get("type")
+        if kind is None:
+            problems.append(ConfigProblem(file, format_path((*path, "type")), "required key is missing"))
+            continue
+        cls = connector_types.get(str(kind))
+        if cls is None:
+            known = ", ".join(sorted(connector_types)) or "none installed"
+            problems.append(
+                ConfigProblem(file, format_path((*path, "type")), f"unknown connector type {kind!r} (known: {known})")
+            )
+            continue
+        try:
+            connectors[name] = cls.config_model.model_validate(section)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, file, path))
+
+    for key in top.people:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", key):
+            problems.append(ConfigProblem(file, f"people.{key}", "person keys are lower-case letters, digits, _ . -"))
+
+    if problems:
+        raise ConfigError(problems)
+    return AppConfig(
+        file=file,
+        store=top.store,
+        people=top.people,
+        connectors=connectors,
+        rules=top.rules,
+        notify=top.notify,
+        digests=top.digests,
+    )
+
+
+def load_config(
+    path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+) -> AppConfig:
+    """Read and validate a config file."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(file, "", "no such file; `trackloop init` writes a starter config")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(file, "", f"cannot read: {exc}")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(file, "", f"invalid TOML: {exc}")]) from None
+    return parse_config(data, file=file, env=env, connector_types=connector_types)
+
+
+def config_schema(connector_types: Mapping[str, type[Connector]]) -> dict[str, Any]:  # type: ignore[type-arg]
+    """JSON Schema of the whole file, with each connector type's own section schema."""
+    schema = TopLevel.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    variants = []
+    for kind, cls in sorted(connector_types.items()):
+        sub = cls.config_model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        sub["properties"]["type"] = {**sub["properties"]["type"], "const": kind}
+        title = sub.get("title", kind)
+        defs[title] = sub
+        variants.append({"$ref": f"#/$defs/{title}"})
+    schema["properties"]["connectors"]["additionalProperties"] = {"oneOf": variants}
+    return schema

@@ -1,0 +1,217 @@
+"""The sync engine: pull each connector page by page and commit every page with its cursor.
+
+Crash safety comes from one rule: a page's records, its history events and the cursor that
+follows it are written in one transaction. A crash at any point leaves the store at the end of
+the last committed page, and the rerun resumes from the cursor saved with it; connectors resume
+with an overlap and upserts absorb the repeats, so the end state equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from connectors.base import Connector, RequestStats
+from connectors.errors import RateLimited
+from store.canonical import Page, SyncState
+from store.db import Store
+from store.errors import TrackloopError
+from store.people import IdentityResolver, sync_people
+from store.sync_state import load_state, record_attempt, record_failure, record_success, save_progress
+from store.tasks import TaskWriter, UpsertStats
+from sync.config import AppConfig
+
+log = logging.getLogger("trackloop.sync")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(slots=True)
+class SyncResult:
+    connector: str
+    kind: str
+    ok: bool = True
+    error: str | None = None
+    note: str | None = None  # e.g. stopped early for a rate limit, to resume next run
+    pages: int = 0
+    upserts: UpsertStats = field(default_factory=UpsertStats)
+    requests: RequestStats = field(default_factory=RequestStats)
+    seconds: float = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pages": self.pages,
+            "inserted": self.upserts.inserted,
+            "updated": self.upserts.updated,
+            "unchanged": self.upserts.unchanged,
+            "cancelled": self.upserts.cancelled,
+            "events": self.upserts.events,
+            "requests": self.requests.requests,
+            "not_modified": self.requests.not_modified,
+            "retries": self.requests.retries,
+            "rate_limit_remaining": self.requests.rate_limit_remaining,
+            "seconds": round(self.seconds, 3),
+            "note": self.note,
+        }
+
+
+def build_connector(
+    config: AppConfig,
+    types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+    name: str,
+    *,
+    clock: Clock | None = None,
+) -> Connector:  # type: ignore[type-arg]
+    """Instantiate the configured connector `name` with its validated config."""
+    cfg = config.connectors[name]
+    return types[cfg.type](name, cfg, clock=clock)
+
+
+class _DryRun(Exception):
+    """Raised inside the dry-run transaction so that nothing is committed."""
+
+
+class SyncEngine:
+    """Runs connectors against a store."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: AppConfig,
+        connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+        *,
+        clock: Clock | None = None,
+        on_page: Callable[[str, SyncResult], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.types = connector_types
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.on_page = on_page
+
+    def build(self, name: str) -> Connector:  # type: ignore[type-arg]
+        return build_connector(self.config, self.types, name, clock=self.clock)
+
+    def apply_people(self, session: Session) -> None:
+        sync_people(session, (p.spec(key) for key, p in self.config.people.items()))
+
+    def run(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> list[SyncResult]:
+        """Sync the named (default: every enabled) connector; one failure never stops the rest."""
+        names = list(only) if only is not None else [n for n, c in self.config.connectors.items() if c.enabled]
+        if not dry_run:
+            with self.store.transaction() as session:
+                self.apply_people(session)
+        return [self.sync_one(name, full=full, dry_run=dry_run) for name in names]
+
+    def sync_one(self, name: str, *, full: bool = False, dry_run: bool = False) -> SyncResult:
+        kind = self.config.connectors[name].type
+        result = SyncResult(connector=name, kind=kind)
+        started = time.monotonic()
+        connector = self.build(name)
+        result.requests = connector.stats
+        try:
+            if dry_run:
+                self._dry_run(connector, result, full)
+            else:
+                self._pull(connector, result, full)
+        except RateLimited as exc:
+            result.note = f"stopped early: {exc}; resuming next run"
+            log.warning("%s: %s", name, result.note)
+        except TrackloopError as exc:
+            result.ok, result.error = False, str(exc)
+        except Exception as exc:  # a connector bug must not stop the other connectors
+            log.debug("unexpected error in %s", name, exc_info=True)
+            result.ok, result.error = False, f"unexpected {exc.__class__.__name__}: {exc}"
+        finally:
+            connector.close()
+        result.seconds = time.monotonic() - started
+        if not dry_run:
+            self._record(result)
+        log.info(
+            "sync %s: %s, %d pages, %d new, %d changed, %d unchanged, %d requests in %.2fs%s",
+            name, "ok" if result.ok else "FAILED", result.pages, result.upserts.inserted, result.upserts.updated,
+            result.upserts.unchanged, result.requests.requests, result.seconds,
+            f" ({result.error})" if result.error else "",
+        )
+        return result
+
+    def _state(self, session: Session, connector: Connector, full: bool) -> SyncState:  # type: ignore[type-arg]
+        row = load_state(session, connector.name)
+        if row is None:
+            return SyncState(full=full)
+        return SyncState(cursor=connector.load_cursor(row.cursor), validators=dict(row.validators or {}), full=full)
+
+    def _pull(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
+        with self.store.transaction() as session:
+            state = self._state(session, connector, full)
+            record_attempt(session, connector.name, connector.kind, self.clock())
+        self._consume(connector, state, result, transaction=self.store.transaction)
+
+    def _dry_run(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
+        """Everything a real sync does, inside one transaction that is then rolled back."""
+        try:
+            with self.store.transaction() as session:
+                self.apply_people(session)
+                state = self._state(session, connector, full)
+                self._consume(connector, state, result, transaction=lambda: nullcontext(session))
+                raise _DryRun
+        except _DryRun:
+            pass
+
+    def _consume(
+        self,
+        connector: Connector,  # type: ignore[type-arg]
+        state: SyncState,  # type: ignore[type-arg]
+        result: SyncResult,
+        *,
+        transaction: Callable[[], Any],
+    ) -> None:
+        resolver = IdentityResolver()
+        writer = TaskWriter(source=connector.name, kind=connector.kind, resolver=resolver, now=self.clock())
+        seen: dict[str, set[str]] = defaultdict(set)
+        for page in connector.pull(state):
+            for task in page.tasks:
+                seen[task.scope].add(task.external_id)
+            try:
+                with transaction() as session:
+                    self._write_page(session, writer, connector, page, seen, result)
+            except BaseException:
+                resolver.rollback()
+                raise
+            resolver.commit()
+            result.pages += 1
+            if self.on_page:
+                self.on_page(connector.name, result)
+
+    @staticmethod
+    def _write_page(
+        session: Session,
+        writer: TaskWriter,
+        connector: Connector,  # type: ignore[type-arg]
+        page: Page,  # type: ignore[type-arg]
+        seen: Mapping[str, set[str]],
+        result: SyncResult,
+    ) -> None:
+        stats = writer.upsert(session, page.tasks)
+        writer.record_activities(session, page.activities)
+        for scope in page.completed_scopes:
+            stats.cancelled += writer.cancel_missing(session, scope, seen.get(scope, set()))
+        cursor = page.cursor.model_dump(mode="json") if page.cursor is not None else None
+        save_progress(session, connector.name, connector.kind, cursor, page.validators)
+        result.upserts.add(stats)
+
+    def _record(self, result: SyncResult) -> None:
+        with self.store.transaction() as session:
+            if result.ok:
+                record_success(session, result.connector, result.kind, self.clock(), result.stats())
+            else:
+                record_failure(session, result.connector, result.kind, self.clock(), result.error or "", result.stats())
+

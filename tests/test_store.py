@@ -1,0 +1,200 @@
+"""The canonical store on SQLite and PostgreSQL: schema, upserts, history, people, links."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select, text
+
+from store.canonical import IdentityKind, IdentityRef, LinkKind, LinkRecord, Priority, Status, TaskRecord, TaskRef
+from store.db import Store, current_revision, head_revision
+from store.errors import StoreError
+from store.models import Identity, Person, Task, TaskEvent, TaskLink
+from store.people import IdentityResolver, PersonSpec, sync_people
+from store.tasks import TaskWriter
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def rec(ext: str, **kw) -> TaskRecord:
+    base = dict(external_id=ext, title=f"task {ext}", status=Status.TODO, raw_status="open", updated_at=T0)
+    base.update(kw)
+    return TaskRecord(**base)
+
+
+def write(store: Store, records, *, source="src", now=T0, resolver=None):
+    resolver = resolver or IdentityResolver()
+    with store.transaction() as s:
+        stats = TaskWriter(source=source, kind="test", resolver=resolver, now=now).upsert(s, records)
+    resolver.commit()
+    return stats
+
+
+def test_empty_database_is_migrated_on_first_use(store: Store) -> None:
+    assert current_revision(store.engine) == head_revision()
+    with store.transaction() as s:
+        assert s.scalar(select(Task.id)) is None
+
+
+def test_sqlite_file_is_private_wal_and_enforces_foreign_keys(tmp_path) -> None:
+    path = tmp_path / "sub" / "t.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with store.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        store.close()
+
+
+def test_store_behind_head_asks_for_db_upgrade(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Store(url).close()
+    with Store(url, migrate=False).engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+    with pytest.raises(StoreError, match="trackloop db upgrade"):
+        Store(url)
+
+
+def test_bad_url_is_a_store_error_without_password() -> None:
+    with pytest.raises(StoreError) as info:
+        Store("nosuchdb+driver://user:hunter22@host/db")
+    assert "hunter22" not in str(info.value)
+
+
+def test_insert_then_unchanged_then_update(store: Store) -> None:
+    assert write(store, [rec("1"), rec("2")]).inserted == 2
+    again = write(store, [rec("1"), rec("2")])
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 2)
+    changed = write(store, [rec("1", title="renamed"), rec("2")])
+    assert (changed.updated, changed.unchanged) == (1, 1)
+    with store.transaction() as s:
+        titles = dict(s.execute(select(Task.external_id, Task.title)).all())
+    assert titles == {"1": "renamed", "2": "task 2"}
+
+
+def test_unchanged_task_row_is_not_rewritten(store: Store) -> None:
+    write(store, [rec("1")], now=T0)
+    write(store, [rec("1")], now=T0 + timedelta(hours=1))
+    with store.transaction() as s:
+        assert s.scalar(select(Task.synced_at)) == T0
+
+
+def test_unique_per_source_and_external_id(store: Store) -> None:
+    write(store, [rec("1")], source="a")
+    write(store, [rec("1")], source="b")
+    write(store, [rec("1"), rec("1", title="last wins")], source="a")
+    with store.transaction() as s:
+        rows = s.execute(select(Task.source, Task.title).order_by(Task.source)).all()
+    assert rows == [("a", "last wins"), ("b", "task 1")]
+
+
+def test_times_come_back_aware_utc(store: Store) -> None:
+    plus2 = timezone(timedelta(hours=2))
+    write(store, [rec("1", created_at=datetime(2026, 11, 1, 14, 0, tzinfo=plus2))])
+    with store.transaction() as s:
+        task = s.scalar(select(Task))
+    assert task.created_at == datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    assert task.created_at.tzinfo is not None and task.created_at.utcoffset() == timedelta(0)
+
+
+def test_history_records_status_owner_and_due_changes(store: Store) -> None:
+    bob = IdentityRef(IdentityKind.GITHUB, "bob")
+    write(store, [rec("1", status_changed_at=T0 - timedelta(days=3))])
+    later = T0 + timedelta(hours=2)
+    write(store, [rec("1", status=Status.IN_PROGRESS, assignees=(bob,), due=date(2026, 12, 1), updated_at=later)])
+    with store.transaction() as s:
+        events = s.execute(select(TaskEvent.field, TaskEvent.old, TaskEvent.new, TaskEvent.at, TaskEvent.origin)
+                           .order_by(TaskEvent.id)).all()
+    assert events[0] == ("status", None, "todo", T0 - timedelta(days=3), "initial")
+    assert ("status", "todo", "in_progress", later, "sync") in events
+    assert ("owner", None, "github:bob", later, "sync") in events
+    assert ("due", None, "2026-12-01", later, "sync") in events
+    assert len(events) == 4
+
+
+def test_single_assignee_is_owner_several_is_none(store: Store) -> None:
+    a, b = IdentityRef(IdentityKind.GITHUB, "a"), IdentityRef(IdentityKind.GITHUB, "b")
+    write(store, [rec("solo", assignees=(a,)), rec("shared", assignees=(a, b)), rec("nobody")])
+    with store.transaction() as s:
+        rows = dict(s.execute(select(Task.external_id, Task.owner_id)).all())
+        counts = dict(s.execute(select(Task.external_id, Task.assignee_count)).all())
+    assert rows["solo"] is not None and rows["shared"] is None and rows["nobody"] is None
+    assert counts == {"solo": 1, "shared": 2, "nobody": 0}
+
+
+def test_identities_from_config_and_by_email(store: Store) -> None:
+    with store.transaction() as s:
+        sync_people(s, [PersonSpec("alice", "Alice", True, (("email", "Alice@Example.com"), ("github", "alice-k")))])
+    write(store, [
+        rec("gh", assignees=(IdentityRef(IdentityKind.GITHUB, "Alice-K"),)),
+        rec("slack", assignees=(IdentityRef(IdentityKind.SLACK, "U01", email="alice@example.com"),)),
+        rec("unknown", assignees=(IdentityRef(IdentityKind.JIRA, "557058:x", display_name="Zed"),)),
+    ])
+    with store.transaction() as s:
+        owners = dict(s.execute(select(Task.external_id, Person.key).join(Person, Task.owner_id == Person.id)).all())
+        slack_ident = s.scalar(select(Identity).where(Identity.kind == "slack"))
+        assert slack_ident is not None and slack_ident.person.key == "alice"
+    assert owners == {"gh": "alice", "slack": "alice", "unknown": "jira:557058:x"}
+
+
+def test_adding_a_person_to_config_later_adopts_their_tasks(store: Store) -> None:
+    write(store, [rec("1", assignees=(IdentityRef(IdentityKind.GITHUB, "bob"),))])
+    with store.transaction() as s:
+        sync_people(s, [PersonSpec("bob", "Bob", False, (("github", "bob"),))])
+    with store.transaction() as s:
+        assert s.scalar(select(Person.key).join(Task, Task.owner_id == Person.id)) == "bob"
+
+
+def test_links_across_sources_and_inverse(store: Store) -> None:
+    links = (
+        LinkRecord(LinkKind.BLOCKS, TaskRef("OPS-1", source="jira")),
+        LinkRecord(LinkKind.BLOCKS, TaskRef("7"), inverse=True),  # "blocked by #7"
+        LinkRecord(LinkKind.PARENT, TaskRef("9")),
+    )
+    write(store, [rec("1", links=links)], source="gh")
+    with store.transaction() as s:
+        rows = set(s.execute(select(TaskLink.src_source, TaskLink.src_external_id, TaskLink.kind,
+                                    TaskLink.dst_source, TaskLink.dst_external_id)).all())
+    assert rows == {("gh", "1", "blocks", "jira", "OPS-1"), ("gh", "7", "blocks", "gh", "1"),
+                    ("gh", "1", "parent", "gh", "9")}
+    write(store, [rec("1", title="x", links=links[:1])], source="gh")
+    with store.transaction() as s:
+        assert s.scalar(select(text("count(*)")).select_from(TaskLink)) == 1
+
+
+def test_failed_transaction_leaves_no_trace_and_resolver_forgets(store: Store) -> None:
+    resolver = IdentityResolver()
+    with pytest.raises(RuntimeError), store.transaction() as s:
+        TaskWriter(source="src", kind="t", resolver=resolver, now=T0).upsert(
+            s, [rec("1", assignees=(IdentityRef(IdentityKind.GITHUB, "ghost"),))])
+        raise RuntimeError("crash")
+    resolver.rollback()
+    write(store, [rec("2", assignees=(IdentityRef(IdentityKind.GITHUB, "ghost"),))], resolver=resolver)
+    with store.transaction() as s:
+        assert s.scalars(select(Task.external_id)).all() == ["2"]
+        assert s.scalar(select(Person.key).join(Task, Task.owner_id == Person.id)) == "github:ghost"
+
+
+def test_cancel_missing_only_in_named_scope(store: Store) -> None:
+    write(store, [rec("a1", scope="a"), rec("a2", scope="a"), rec("b1", scope="b")])
+    with store.transaction() as s:
+        n = TaskWriter(source="src", kind="t", resolver=IdentityResolver(), now=T0).cancel_missing(s, "a", {"a1"})
+    assert n == 1
+    with store.transaction() as s:
+        status = dict(s.execute(select(Task.external_id, Task.status)).all())
+    assert status == {"a1": "todo", "a2": "cancelled", "b1": "todo"}
+    write(store, [rec("a2", scope="a")])  # it came back: same record as before, yet rewritten
+    with store.transaction() as s:
+        assert s.scalar(select(Task.status).where(Task.external_id == "a2")) == "todo"
+
+
+def test_priority_and_labels_round_trip(store: Store) -> None:
+    write(store, [rec("1", priority=Priority.HIGH, labels=("a", "ünïcode"), extra={"k": [1, 2]})])
+    with store.transaction() as s:
+        task = s.scalar(select(Task))
+    assert (task.priority, task.labels, task.extra) == ("high", ["a", "ünïcode"], {"k": [1, 2]})
