@@ -3,37 +3,52 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import BigInteger, String, any_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from store.canonical import ActivityRecord, Status, TaskRecord, utc
+from store.canonical import ActivityRecord, IdentityRef, Status, TaskRecord, utc
 from store.models import Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver
 
-# Identity lookups in one IN () list stay well under every backend's parameter limit.
-_CHUNK = 900
+# One IN () list per page stays well under every backend's bound-parameter limit.
+_CHUNK = 2000
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return utc(value).isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, frozenset | set):
-        return sorted(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+def _one_of(session: Session, column: Any, values: list[Any]) -> Any:
+    """`column IN values`, as `= ANY(array)` on PostgreSQL: one parameter instead of thousands,
+    whose plan does not degrade into a filter over the whole source."""
+    if session.get_bind().dialect.name == "postgresql":
+        item = BigInteger() if values and isinstance(values[0], int) else String()
+        return column == any_(bindparam(None, values, type_=ARRAY(item)))
+    return column.in_(values)
+
+
+def _ident(ref: IdentityRef | None) -> tuple[str, str, str | None, str | None] | None:
+    return None if ref is None else (ref.kind._value_, ref.value, ref.display_name, ref.email)
 
 
 def content_hash(record: TaskRecord) -> str:
-    """A digest of everything the connector said about a task; equal hashes mean no write."""
-    payload = json.dumps(asdict(record), sort_keys=True, default=_json_default, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """A digest of everything the connector said about a task; equal hashes mean no write.
+
+    Spelled out field by field because it runs for every record of every sync (the generic
+    dataclass repr costs twice as much); tests/test_store.py checks that every field counts.
+    """
+    r = record
+    key = (
+        r.external_id, r.title, r.status._value_, r.raw_status, r.url, r.body, r.scope,
+        tuple(_ident(a) for a in r.assignees), _ident(r.reporter), r.due, r.priority._value_, r.labels,
+        r.acceptance_criteria, r.created_at, r.updated_at, r.closed_at, r.status_changed_at,
+        r.last_activity_at, r.original_estimate_s, r.remaining_estimate_s, r.time_spent_s, r.verified,
+        tuple((lk.kind._value_, lk.target.external_id, lk.target.source, lk.inverse) for lk in r.links),
+        sorted(r.extra.items()) if r.extra else None,
+    )
+    return hashlib.blake2b(repr(key).encode(), digest_size=32).hexdigest()
 
 
 @dataclass(slots=True)
@@ -102,7 +117,8 @@ class TaskWriter:
         if person_id is None:
             return None
         if person_id not in self._person_keys:
-            self._person_keys[person_id] = session.scalar(select(Person.key).where(Person.id == person_id)) or ""
+            key = session.scalar(select(Person.key).where(Person.id == person_id))
+            self._person_keys[person_id] = key or ""
         return self._person_keys[person_id]
 
     def upsert(self, session: Session, records: Sequence[TaskRecord]) -> UpsertStats:
@@ -111,85 +127,99 @@ class TaskWriter:
         for record in records:  # a page may repeat a task; the last word wins
             latest[record.external_id] = (record, content_hash(record))
         existing = self._existing(session, list(latest))
-        inserts, updates, events, linked = [], [], [], []
-        for external_id, (record, digest) in latest.items():
-            row = existing.get(external_id)
-            if row is not None and row["content_hash"] == digest:
-                stats.unchanged += 1
-                continue
-            owner_id = self.resolver.resolve(session, record.assignees[0]) if len(record.assignees) == 1 else None
-            reporter_id = self.resolver.resolve(session, record.reporter)
+        changed = [(r, d) for ext, (r, d) in latest.items() if ext not in existing or existing[ext][1] != d]
+        stats.unchanged = len(latest) - len(changed)
+        if not changed:
+            return stats
+        tracked = self._tracked(session, [existing[r.external_id][0] for r, _ in changed if r.external_id in existing])
+        inserts, updates, events = [], [], []
+        for record, digest in changed:
+            sole = record.assignees[0] if len(record.assignees) == 1 else None
             values = _row_values(
-                record, source=self.source, kind=self.kind, owner_id=owner_id, reporter_id=reporter_id, digest=digest
+                record,
+                source=self.source,
+                kind=self.kind,
+                owner_id=self.resolver.resolve(session, sole),
+                reporter_id=self.resolver.resolve(session, record.reporter),
+                digest=digest,
             )
             values["synced_at"] = self.now
-            if row is None:
+            if record.external_id in existing:
+                values["id"] = tid = existing[record.external_id][0]
+                updates.append(values)
+                events.extend(self._changes(session, tid, tracked[tid], values))
+            else:
                 values["first_seen_at"] = self.now
                 inserts.append(values)
-            else:
-                values["id"] = row["id"]
-                updates.append(values)
-                events.extend(self._changes(session, row, values, record))
-            linked.append(record)
         if inserts:
-            result = session.execute(insert(Task).returning(Task.id, Task.external_id), inserts)
-            new_ids = {ext: tid for tid, ext in result}
+            session.execute(insert(Task.__table__), inserts)  # Core executemany: no ORM bookkeeping
+            existing.update(self._existing(session, [v["external_id"] for v in inserts]))
             for values in inserts:
-                tid = new_ids[values["external_id"]]
                 since = values["status_changed_at"] or values["created_at"] or values["updated_at"]
+                tid = existing[values["external_id"]][0]
                 events.append(self._event(tid, since, "status", None, values["status"], origin="initial"))
-            for external_id, tid in new_ids.items():
-                existing[external_id] = {"id": tid}
-            stats.inserted = len(inserts)
         if updates:
             session.execute(update(Task), updates)
-            stats.updated = len(updates)
-        if linked:
-            self._replace_links(session, linked, existing)
+        self._replace_links(session, [r for r, _ in changed], existing, fresh={v["external_id"] for v in inserts})
         if events:
-            session.execute(insert(TaskEvent), events)
-            stats.events = len(events)
+            session.execute(insert(TaskEvent.__table__), events)
+        stats.inserted, stats.updated, stats.events = len(inserts), len(updates), len(events)
         return stats
 
-    def _existing(self, session: Session, external_ids: list[str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        cols = (Task.id, Task.external_id, Task.content_hash, Task.status, Task.owner_id, Task.due)
+    def _existing(self, session: Session, external_ids: list[str]) -> dict[str, tuple[int, str]]:
+        """(id, content hash) of the stored tasks among `external_ids`."""
+        found: dict[str, tuple[int, str]] = {}
         for i in range(0, len(external_ids), _CHUNK):
             chunk = external_ids[i : i + _CHUNK]
-            stmt = select(*cols).where(Task.source == self.source, Task.external_id.in_(chunk))
-            for row in session.execute(stmt).mappings():
-                found[row["external_id"]] = dict(row)
+            stmt = select(Task.external_id, Task.id, Task.content_hash).where(
+                Task.source == self.source, _one_of(session, Task.external_id, chunk)
+            )
+            for ext, tid, digest in session.execute(stmt):
+                found[ext] = (tid, digest)
+        return found
+
+    def _tracked(self, session: Session, ids: list[int]) -> dict[int, tuple[str, int | None, Any]]:
+        """Status, owner and due date of tasks about to change, to write their history."""
+        found: dict[int, tuple[str, int | None, Any]] = {}
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+            stmt = select(Task.id, Task.status, Task.owner_id, Task.due).where(_one_of(session, Task.id, chunk))
+            for tid, status, owner_id, due in session.execute(stmt):
+                found[tid] = (status, owner_id, due)
         return found
 
     def _event(
-        self, task_id: int, at: datetime | None, field: str, old: str | None, new: str | None, origin: str = "sync"
+        self, task_id: int, at: datetime | None, field: str, old: str | None, new: str | None,
+        origin: str = "sync",
     ) -> dict[str, Any]:
         return {"task_id": task_id, "at": at or self.now, "field": field, "old": old, "new": new,
                 "actor": None, "origin": origin}
 
     def _changes(
-        self, session: Session, row: dict[str, Any], values: dict[str, Any], record: TaskRecord
+        self, session: Session, task_id: int, before: tuple[str, int | None, Any], values: dict[str, Any]
     ) -> Iterable[dict[str, Any]]:
+        status, owner_id, due = before
         when = values["status_changed_at"] or values["updated_at"] or self.now
-        if row["status"] != values["status"]:
-            yield self._event(row["id"], when, "status", row["status"], values["status"])
-        if row["owner_id"] != values["owner_id"]:
-            old, new = self._key_of(session, row["owner_id"]), self._key_of(session, values["owner_id"])
-            yield self._event(row["id"], values["updated_at"], "owner", old, new)
-        if row["due"] != values["due"]:
-            old_due = row["due"].isoformat() if row["due"] else None
+        if status != values["status"]:
+            yield self._event(task_id, when, "status", status, values["status"])
+        if owner_id != values["owner_id"]:
+            old, new = self._key_of(session, owner_id), self._key_of(session, values["owner_id"])
+            yield self._event(task_id, values["updated_at"], "owner", old, new)
+        if due != values["due"]:
+            old_due = due.isoformat() if due else None
             new_due = values["due"].isoformat() if values["due"] else None
-            yield self._event(row["id"], values["updated_at"], "due", old_due, new_due)
+            yield self._event(task_id, values["updated_at"], "due", old_due, new_due)
 
     def _replace_links(
-        self, session: Session, records: list[TaskRecord], ids: dict[str, dict[str, Any]]
+        self, session: Session, records: list[TaskRecord], ids: dict[str, tuple[int, str]], fresh: set[str]
     ) -> None:
-        declared = [ids[r.external_id]["id"] for r in records]
-        for i in range(0, len(declared), _CHUNK):
-            session.execute(delete(TaskLink).where(TaskLink.declared_by.in_(declared[i : i + _CHUNK])))
+        """Replace the links each record declares (a fresh task has none to delete)."""
+        stale = [ids[r.external_id][0] for r in records if r.external_id not in fresh]
+        for i in range(0, len(stale), _CHUNK):
+            session.execute(delete(TaskLink).where(_one_of(session, TaskLink.declared_by, stale[i : i + _CHUNK])))
         rows, seen = [], set()
         for record in records:
-            tid = ids[record.external_id]["id"]
+            tid = ids[record.external_id][0]
             for link in record.links:
                 here = (self.source, record.external_id)
                 there = (link.target.source or self.source, link.target.external_id)
@@ -201,7 +231,7 @@ class TaskWriter:
                 rows.append({"declared_by": tid, "kind": str(link.kind), "src_source": src[0],
                              "src_external_id": src[1], "dst_source": dst[0], "dst_external_id": dst[1]})
         if rows:
-            session.execute(insert(TaskLink), rows)
+            session.execute(insert(TaskLink.__table__), rows)
 
     def record_activities(self, session: Session, activities: Sequence[ActivityRecord]) -> int:
         """Bump `last_activity_at` and log an event for each activity on a known task."""

@@ -278,8 +278,9 @@ def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
         rows.append([r.connector, r.kind, outcome, str(u.inserted), str(u.updated), str(u.unchanged),
                      str(u.cancelled), str(r.requests.requests), f"{r.seconds:.2f}s",
                      REDACT(r.error or r.note or "")])
-    title = "sync (dry run: nothing written)" if dry_run else "sync"
-    print_table(title, ["connector", "type", "result", "new", "changed", "unchanged", "cancelled",
+    if dry_run:
+        err.print("dry run: nothing was written", markup=False)
+    print_table("sync (dry run)" if dry_run else "sync", ["connector", "type", "result", "new", "changed", "unchanged", "cancelled",
                         "requests", "time", "detail"], rows)
     for r in results:
         if not r.ok:

@@ -198,3 +198,50 @@ def test_priority_and_labels_round_trip(store: Store) -> None:
     with store.transaction() as s:
         task = s.scalar(select(Task))
     assert (task.priority, task.labels, task.extra) == ("high", ["a", "ünïcode"], {"k": [1, 2]})
+
+
+def _other(value):
+    """A different value of the same field type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, Status):
+        return Status.DONE
+    if isinstance(value, Priority):
+        return Priority.HIGH
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, datetime):
+        return value + timedelta(seconds=1)
+    if isinstance(value, date):
+        return value + timedelta(days=1)
+    if isinstance(value, int):
+        return value + 1
+    raise AssertionError(f"no variant for {value!r}")
+
+
+FULL = TaskRecord(
+    external_id="1", title="t", status=Status.TODO, raw_status="open", url="u", body="b", scope="s",
+    assignees=(IdentityRef(IdentityKind.GITHUB, "a"),), reporter=IdentityRef(IdentityKind.GITHUB, "r"),
+    due=date(2026, 1, 1), priority=Priority.LOW, labels=("l",), acceptance_criteria="ac", created_at=T0,
+    updated_at=T0, closed_at=T0, status_changed_at=T0, last_activity_at=T0, original_estimate_s=1,
+    remaining_estimate_s=1, time_spent_s=1, verified=False,
+    links=(LinkRecord(LinkKind.BLOCKS, TaskRef("2")),), extra={"k": 1},
+)
+VARIANTS = {
+    "assignees": (IdentityRef(IdentityKind.GITHUB, "a", email="a@x"),),
+    "reporter": IdentityRef(IdentityKind.JIRA, "r"),
+    "labels": ("l", "m"),
+    "links": (LinkRecord(LinkKind.BLOCKS, TaskRef("2"), inverse=True),),
+    "extra": {"k": 2},
+}
+
+
+@pytest.mark.parametrize("field", [f.name for f in __import__("dataclasses").fields(TaskRecord)])
+def test_every_record_field_counts_in_the_content_hash(field: str) -> None:
+    from dataclasses import replace
+
+    from store.tasks import content_hash
+
+    changed = replace(FULL, **{field: VARIANTS.get(field) or _other(getattr(FULL, field))})
+    assert content_hash(changed) != content_hash(FULL)
+    assert content_hash(replace(FULL)) == content_hash(FULL)

@@ -1,0 +1,161 @@
+"""The command line, run as users run it: exit statuses, one-line errors, JSON contracts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TRACKLOOP = [sys.executable, "-m", "sync.cli"]
+HEADER = "ID,Task,Status,Owner,Due\n"
+
+
+def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLOOP_")}
+    full_env.update(env or {})
+    return subprocess.run([*TRACKLOOP, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def write_config(folder: Path, body: str) -> Path:
+    path = folder / "trackloop.toml"
+    path.write_text(body)
+    return path
+
+
+GOOD = """
+[store]
+url = "sqlite:///store.db"
+[people.alice]
+email = "alice@example.com"
+[connectors.sheet]
+type = "csv"
+path = "tasks.csv"
+id_column = "ID"
+columns = { title = "Task", status = "Status", owner = "Owner", due = "Due" }
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    write_config(tmp_path, GOOD)
+    (tmp_path / "tasks.csv").write_text(HEADER + "1,Renew cert,doing,alice,2026-12-01\n2,Old,done,,\n3,Free,todo,team,\n")
+    return tmp_path
+
+
+def test_bad_config_exits_2_with_one_line_per_problem_and_writes_nothing(tmp_path: Path) -> None:
+    write_config(tmp_path, GOOD.replace('id_column = "ID"', 'id_colum = "ID"\ninterval = "often"'))
+    for command in (["config", "validate"], ["sync"], ["tasks"]):
+        proc = run(*command, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert "trackloop.toml: connectors.sheet.id_colum: unknown key" in lines
+        assert "trackloop.toml: connectors.sheet.id_column: required key is missing" in lines
+        assert any(line.startswith("trackloop.toml: connectors.sheet.interval: expected a duration") for line in lines)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "store.db").exists()
+
+
+def test_invalid_toml_exits_2(tmp_path: Path) -> None:
+    write_config(tmp_path, "[store\n")
+    proc = run("sync", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid TOML" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "trackloop.db").exists()
+
+
+def test_sync_then_tasks_json_contract(project: Path) -> None:
+    proc = run("sync", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert "sheet" in proc.stdout
+    tasks = json.loads(run("tasks", "--json", cwd=project).stdout)
+    assert [t["external_id"] for t in tasks] == ["1", "3"]  # open only, due first
+    first = tasks[0]
+    for key in ("source", "external_id", "url", "title", "status", "raw_status", "owner", "due", "priority",
+                "labels", "updated_at"):
+        assert key in first
+    assert (first["source"], first["status"], first["raw_status"], first["owner"], first["due"]) == (
+        "sheet", "in_progress", "doing", "alice", "2026-12-01")
+    assert tasks[1]["owner"] is None
+    every = json.loads(run("tasks", "--json", "--all", cwd=project).stdout)
+    assert {t["external_id"] for t in every} == {"1", "2", "3"}
+    done = json.loads(run("tasks", "--json", "--status", "done", cwd=project).stdout)
+    assert [t["external_id"] for t in done] == ["2"]
+    unowned = json.loads(run("tasks", "--json", "--owner", "none", cwd=project).stdout)
+    assert [t["external_id"] for t in unowned] == ["3"]
+
+
+def test_status_json_contract(project: Path) -> None:
+    run("sync", cwd=project)
+    [entry] = json.loads(run("status", "--json", cwd=project).stdout)
+    assert entry["connector"] == "sheet" and entry["type"] == "csv" and entry["enabled"] is True
+    assert entry["last_success"] and entry["last_error"] is None
+    assert entry["cursor"]["version"] == 1
+
+
+def test_failing_connector_exits_1_and_others_still_sync(project: Path) -> None:
+    write_config(project, GOOD + '\n[connectors.broken]\ntype = "csv"\npath = "missing.csv"\nid_column = "ID"\n'
+                 'columns = { title = "Task" }\n')
+    proc = run("sync", cwd=project)
+    assert proc.returncode == 1
+    assert "broken" in proc.stderr and "missing.csv" in proc.stderr
+    statuses = {s["connector"]: s for s in json.loads(run("status", "--json", cwd=project).stdout)}
+    assert statuses["sheet"]["last_success"] and statuses["broken"]["last_error"]
+
+
+def test_sync_unknown_connector_is_usage_error(project: Path) -> None:
+    proc = run("sync", "--connector", "nope", cwd=project)
+    assert proc.returncode == 2 and "connectors.nope: no such connector" in proc.stderr
+
+
+def test_dry_run_leaves_store_empty(project: Path) -> None:
+    proc = run("sync", "--dry-run", cwd=project)
+    assert proc.returncode == 0 and "dry run: nothing was written" in proc.stderr
+    assert json.loads(run("tasks", "--json", cwd=project).stdout) == []
+
+
+def test_secret_from_env_never_printed(project: Path) -> None:
+    write_config(project, GOOD.replace('url = "sqlite:///store.db"',
+                                       'url = "postgresql+psycopg://u:${DB_PASSWORD}@127.0.0.1:1/db"'))
+    proc = run("sync", cwd=project, env={"DB_PASSWORD": "hunter2-very-secret"})
+    assert proc.returncode == 1
+    assert "hunter2-very-secret" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_path_from_env_and_init(tmp_path: Path) -> None:
+    proc = run("init", cwd=tmp_path, env={"TRACKLOOP_CONFIG": str(tmp_path / "mine.toml")})
+    assert proc.returncode == 0 and (tmp_path / "mine.toml").exists()
+    assert oct((tmp_path / "mine.toml").stat().st_mode & 0o777) == "0o600"
+    again = run("init", cwd=tmp_path, env={"TRACKLOOP_CONFIG": str(tmp_path / "mine.toml")})
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert run("--config", "mine.toml", "config", "validate", cwd=tmp_path).returncode == 0
+
+
+def test_config_schema_is_json(tmp_path: Path) -> None:
+    schema = json.loads(run("config", "schema", cwd=tmp_path).stdout)
+    assert "connectors" in schema["properties"]
+
+
+def test_doctor_lists_plugins_and_checks(project: Path) -> None:
+    proc = run("doctor", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert "csv" in proc.stdout and "connectors.csv.CsvConnector" in proc.stdout
+    assert "sheet\tcsv\tok" in proc.stdout
+
+
+def test_db_upgrade(project: Path) -> None:
+    proc = run("db", "upgrade", cwd=project)
+    assert proc.returncode == 0 and "is at" in proc.stderr
+    assert (project / "store.db").exists()
+
+
+def test_demo_prints_a_real_table(tmp_path: Path) -> None:
+    proc = run("demo", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "trackloop-demo.db").exists()
+    lines = proc.stdout.splitlines()
+    assert lines[0].split("\t")[:3] == ["task", "title", "status"]
+    assert any(line.startswith("sheet:OPS-101\tRenew the wildcard TLS certificate") for line in lines)
