@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import date, datetime, timedelta
+from typing import Any, NamedTuple
 
 from sqlalchemy import BigInteger, String, any_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from store.canonical import ActivityRecord, IdentityRef, Status, TaskRecord, utc
-from store.models import Person, Task, TaskEvent, TaskLink
+from store.models import OutboxAction, Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver
 
 # One IN () list per page stays well under every backend's bound-parameter limit.
@@ -49,6 +49,20 @@ def content_hash(record: TaskRecord) -> str:
         sorted(r.extra.items()) if r.extra else None,
     )
     return hashlib.blake2b(repr(key).encode(), digest_size=32).hexdigest()
+
+
+# A source update within this window after trackloop's own post is explained by that post.
+OWN_POST_WINDOW = timedelta(minutes=2)
+OWN_POST_SLACK = timedelta(seconds=5)  # clocks of the source and of trackloop differ a little
+OWN_POST_MEMORY = timedelta(days=7)
+
+
+class Tracked(NamedTuple):
+    status: str
+    owner_id: int | None
+    due: date | None
+    status_changed_at: datetime | None
+    last_activity_at: datetime | None
 
 
 @dataclass(slots=True)
@@ -131,7 +145,9 @@ class TaskWriter:
         stats.unchanged = len(latest) - len(changed)
         if not changed:
             return stats
-        tracked = self._tracked(session, [existing[r.external_id][0] for r, _ in changed if r.external_id in existing])
+        known_ids = [existing[r.external_id][0] for r, _ in changed if r.external_id in existing]
+        tracked = self._tracked(session, known_ids)
+        own_posts = self._own_posts(session, known_ids)
         inserts, updates, events = [], [], []
         for record, digest in changed:
             sole = record.assignees[0] if len(record.assignees) == 1 else None
@@ -146,18 +162,24 @@ class TaskWriter:
             values["synced_at"] = self.now
             if record.external_id in existing:
                 values["id"] = tid = existing[record.external_id][0]
+                before = tracked[tid]
+                events.extend(self._changes(session, tid, before, values))
+                self._carry_over(before, values, own_posts.get(tid, ()))
                 updates.append(values)
-                events.extend(self._changes(session, tid, tracked[tid], values))
             else:
                 values["first_seen_at"] = self.now
+                values["status_changed_at"] = (
+                    values["status_changed_at"] or values["updated_at"] or values["created_at"] or self.now
+                )
                 inserts.append(values)
         if inserts:
             session.execute(insert(Task.__table__), inserts)  # Core executemany: no ORM bookkeeping
             existing.update(self._existing(session, [v["external_id"] for v in inserts]))
             for values in inserts:
-                since = values["status_changed_at"] or values["created_at"] or values["updated_at"]
                 tid = existing[values["external_id"]][0]
-                events.append(self._event(tid, since, "status", None, values["status"], origin="initial"))
+                events.append(
+                    self._event(tid, values["status_changed_at"], "status", None, values["status"], origin="initial")
+                )
         if updates:
             session.execute(update(Task), updates)
         self._replace_links(session, [r for r, _ in changed], existing, fresh={v["external_id"] for v in inserts})
@@ -178,15 +200,48 @@ class TaskWriter:
                 found[ext] = (tid, digest)
         return found
 
-    def _tracked(self, session: Session, ids: list[int]) -> dict[int, tuple[str, int | None, Any]]:
-        """Status, owner and due date of tasks about to change, to write their history."""
-        found: dict[int, tuple[str, int | None, Any]] = {}
+    def _tracked(self, session: Session, ids: list[int]) -> dict[int, Tracked]:
+        """What a changing task looked like before, to write its history and carry values over."""
+        found: dict[int, Tracked] = {}
+        cols = (Task.id, Task.status, Task.owner_id, Task.due, Task.status_changed_at, Task.last_activity_at)
         for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
-            stmt = select(Task.id, Task.status, Task.owner_id, Task.due).where(_one_of(session, Task.id, chunk))
-            for tid, status, owner_id, due in session.execute(stmt):
-                found[tid] = (status, owner_id, due)
+            stmt = select(*cols).where(_one_of(session, Task.id, ids[i : i + _CHUNK]))
+            for tid, *rest in session.execute(stmt):
+                found[tid] = Tracked(*rest)
         return found
+
+    def _own_posts(self, session: Session, ids: list[int]) -> dict[int, list[datetime]]:
+        """When trackloop itself posted on these tasks lately (its posts are not human activity)."""
+        found: dict[int, list[datetime]] = {}
+        since = self.now - OWN_POST_MEMORY
+        for i in range(0, len(ids), _CHUNK):
+            stmt = select(OutboxAction.task_id, OutboxAction.sent_at).where(
+                _one_of(session, OutboxAction.task_id, ids[i : i + _CHUNK]),
+                OutboxAction.status == "sent",
+                OutboxAction.sent_at >= since,
+            )
+            for tid, sent_at in session.execute(stmt):
+                found.setdefault(tid, []).append(sent_at)
+        return found
+
+    @staticmethod
+    def _carry_over(before: Tracked, values: dict[str, Any], own_posts: Iterable[datetime]) -> None:
+        """Keep what a re-sync must not reset.
+
+        The current status began when it began: a record that does not report the time keeps
+        the stored one (or, for a new status, the update that brought it). Activity only moves
+        forward, and never because of trackloop's own comment bumping the source's update time.
+        """
+        if values["status_changed_at"] is None:
+            if before.status == values["status"]:
+                values["status_changed_at"] = before.status_changed_at
+            else:
+                values["status_changed_at"] = values["updated_at"] or values["synced_at"]
+        new, old = values["last_activity_at"], before.last_activity_at
+        if new is None or (old is not None and new <= old):
+            values["last_activity_at"] = old
+        elif any(post - OWN_POST_SLACK <= new <= post + OWN_POST_WINDOW for post in own_posts):
+            values["last_activity_at"] = old
 
     def _event(
         self, task_id: int, at: datetime | None, field: str, old: str | None, new: str | None,
@@ -196,9 +251,9 @@ class TaskWriter:
                 "actor": None, "origin": origin}
 
     def _changes(
-        self, session: Session, task_id: int, before: tuple[str, int | None, Any], values: dict[str, Any]
+        self, session: Session, task_id: int, before: Tracked, values: dict[str, Any]
     ) -> Iterable[dict[str, Any]]:
-        status, owner_id, due = before
+        status, owner_id, due = before.status, before.owner_id, before.due
         when = values["status_changed_at"] or values["updated_at"] or self.now
         if status != values["status"]:
             yield self._event(task_id, when, "status", status, values["status"])

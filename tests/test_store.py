@@ -245,3 +245,39 @@ def test_every_record_field_counts_in_the_content_hash(field: str) -> None:
     changed = replace(FULL, **{field: VARIANTS.get(field) or _other(getattr(FULL, field))})
     assert content_hash(changed) != content_hash(FULL)
     assert content_hash(replace(FULL)) == content_hash(FULL)
+
+
+def test_status_since_is_kept_across_unrelated_changes(store: Store) -> None:
+    write(store, [rec("1", status=Status.IN_PROGRESS, updated_at=T0)])
+    write(store, [rec("1", status=Status.IN_PROGRESS, title="edited", updated_at=T0 + timedelta(days=2))])
+    with store.transaction() as s:
+        assert s.scalar(select(Task.status_changed_at)) == T0
+    write(store, [rec("1", status=Status.BLOCKED, title="edited", updated_at=T0 + timedelta(days=3))])
+    with store.transaction() as s:
+        assert s.scalar(select(Task.status_changed_at)) == T0 + timedelta(days=3)
+
+
+def test_trackloops_own_post_is_not_activity(store: Store) -> None:
+    from store.models import OutboxAction
+
+    write(store, [rec("1", updated_at=T0)])
+    posted = T0 + timedelta(days=4)
+    with store.transaction() as s:
+        tid = s.scalar(select(Task.id))
+        s.add(OutboxAction(key="k1", connector="src", kind="comment", text="nudge", task_id=tid, status="sent",
+                           created_at=posted, next_attempt_at=posted, sent_at=posted))
+    # the source's updated_at moves only because of our comment: the clock must not reset
+    write(store, [rec("1", updated_at=posted + timedelta(seconds=3))], now=posted + timedelta(minutes=5))
+    with store.transaction() as s:
+        assert s.scalar(select(Task.last_activity_at)) == T0
+    # a human's later change does count
+    write(store, [rec("1", updated_at=posted + timedelta(hours=1), title="human")], now=posted + timedelta(hours=2))
+    with store.transaction() as s:
+        assert s.scalar(select(Task.last_activity_at)) == posted + timedelta(hours=1)
+
+
+def test_activity_never_moves_backwards(store: Store) -> None:
+    write(store, [rec("1", last_activity_at=T0 + timedelta(days=1))])
+    write(store, [rec("1", last_activity_at=T0, title="older report")])
+    with store.transaction() as s:
+        assert s.scalar(select(Task.last_activity_at)) == T0 + timedelta(days=1)
