@@ -12,6 +12,8 @@ from sqlalchemy import create_engine, text
 
 from store.db import Store
 
+pytest_plugins = ["tests.mailrig"]
+
 PG_URL = os.environ.get("TRACKLOOP_TEST_DATABASE_URL", "")
 PG_SKIP = "PostgreSQL tests need TRACKLOOP_TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)"
 
