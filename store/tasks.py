@@ -8,25 +8,16 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import BigInteger, String, any_, bindparam, delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from store.canonical import ActivityRecord, IdentityRef, Status, TaskRecord, utc
 from store.models import OutboxAction, Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver
+from store.sql import one_of
 
 # One IN () list per page stays well under every backend's bound-parameter limit.
 _CHUNK = 2000
-
-
-def _one_of(session: Session, column: Any, values: list[Any]) -> Any:
-    """`column IN values`, as `= ANY(array)` on PostgreSQL: one parameter instead of thousands,
-    whose plan does not degrade into a filter over the whole source."""
-    if session.get_bind().dialect.name == "postgresql":
-        item = BigInteger() if values and isinstance(values[0], int) else String()
-        return column == any_(bindparam(None, values, type_=ARRAY(item)))
-    return column.in_(values)
 
 
 def _ident(ref: IdentityRef | None) -> tuple[str, str, str | None, str | None] | None:
@@ -194,7 +185,7 @@ class TaskWriter:
         for i in range(0, len(external_ids), _CHUNK):
             chunk = external_ids[i : i + _CHUNK]
             stmt = select(Task.external_id, Task.id, Task.content_hash).where(
-                Task.source == self.source, _one_of(session, Task.external_id, chunk)
+                Task.source == self.source, one_of(session, Task.external_id, chunk)
             )
             for ext, tid, digest in session.execute(stmt):
                 found[ext] = (tid, digest)
@@ -205,7 +196,7 @@ class TaskWriter:
         found: dict[int, Tracked] = {}
         cols = (Task.id, Task.status, Task.owner_id, Task.due, Task.status_changed_at, Task.last_activity_at)
         for i in range(0, len(ids), _CHUNK):
-            stmt = select(*cols).where(_one_of(session, Task.id, ids[i : i + _CHUNK]))
+            stmt = select(*cols).where(one_of(session, Task.id, ids[i : i + _CHUNK]))
             for tid, *rest in session.execute(stmt):
                 found[tid] = Tracked(*rest)
         return found
@@ -216,7 +207,7 @@ class TaskWriter:
         since = self.now - OWN_POST_MEMORY
         for i in range(0, len(ids), _CHUNK):
             stmt = select(OutboxAction.task_id, OutboxAction.sent_at).where(
-                _one_of(session, OutboxAction.task_id, ids[i : i + _CHUNK]),
+                one_of(session, OutboxAction.task_id, ids[i : i + _CHUNK]),
                 OutboxAction.status == "sent",
                 OutboxAction.sent_at >= since,
             )
@@ -271,7 +262,7 @@ class TaskWriter:
         """Replace the links each record declares (a fresh task has none to delete)."""
         stale = [ids[r.external_id][0] for r in records if r.external_id not in fresh]
         for i in range(0, len(stale), _CHUNK):
-            session.execute(delete(TaskLink).where(_one_of(session, TaskLink.declared_by, stale[i : i + _CHUNK])))
+            session.execute(delete(TaskLink).where(one_of(session, TaskLink.declared_by, stale[i : i + _CHUNK])))
         rows, seen = [], set()
         for record in records:
             tid = ids[record.external_id][0]

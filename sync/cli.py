@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,12 +18,18 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from connectors.registry import PluginError, connector_types, discover
+from connectors.registry import connector_plugins, connector_types
+from rules.engine import RuleOutcome, RulesEngine, build_rules
+from rules.registry import rule_types
 from store import db as store_db
 from store.canonical import Status
 from store.db import Store
+from store.durations import parse_duration
 from store.errors import ConfigError, TrackloopError
-from store.queries import TaskFilter, list_tasks, task_json
+from store.findings import finding_json, open_findings
+from store.findings import snooze as snooze_finding
+from store.models import TaskEvent
+from store.queries import TaskFilter, find_task, list_tasks, task_json
 from store.sync_state import all_states
 from sync.config import AppConfig, config_schema, load_config
 from sync.engine import SyncEngine, SyncResult, build_connector
@@ -42,11 +49,17 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and describe the configuration file.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
+rules_app = typer.Typer(help="Run and inspect the rules that flag tasks.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(rules_app, name="rules")
 
 EXIT_CONNECTOR_FAILED = 1
 EXIT_CONFIG = 2
+
+
+class UsageError(TrackloopError):
+    """The command line named something that does not exist; exit status 2."""
 
 
 class Settings:
@@ -85,7 +98,10 @@ def guarded(fn: F) -> F:
             for problem in exc.problems:
                 err.print(REDACT(str(problem)), markup=False)
             raise typer.Exit(EXIT_CONFIG) from None
-        except (TrackloopError, PluginError) as exc:
+        except UsageError as exc:
+            err.print(f"error: {REDACT(str(exc))}", markup=False)
+            raise typer.Exit(EXIT_CONFIG) from None
+        except TrackloopError as exc:
             if SETTINGS.debug:
                 raise
             err.print(f"error: {REDACT(str(exc))}", markup=False)
@@ -201,7 +217,7 @@ def db_upgrade() -> None:
 @guarded
 def doctor() -> None:
     """List installed connector types and check each configured connector with one cheap call."""
-    plugins = discover()
+    plugins = connector_plugins()
     print_table("connector types", ["type", "class", "distribution", "version"],
                 [[p.name, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
                  for p in plugins.values()])
@@ -240,7 +256,11 @@ def sync(
             raise ConfigError([_unknown_connector(config, name)])
     with opened(config) as store:
         results = _run_sync(store, config, connector, full=full, dry_run=dry_run)
-    _print_results(results, dry_run=dry_run)
+        _print_results(results, dry_run=dry_run)
+        if not dry_run:
+            with store.transaction() as session:
+                outcomes = rules_engine(config).run(session)
+            err.print(_rules_summary(outcomes), markup=False)
     if any(not r.ok for r in results):
         raise typer.Exit(EXIT_CONNECTOR_FAILED)
 
@@ -285,6 +305,106 @@ def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
     for r in results:
         if not r.ok:
             err.print(f"error: {r.connector}: {REDACT(r.error or '')}", markup=False)
+
+
+def rules_engine(config: AppConfig) -> RulesEngine:
+    return RulesEngine(build_rules(rule_types(), config.rules))
+
+
+def _rules_summary(outcomes: list[RuleOutcome]) -> str:
+    opened = sum(o.stats.opened for o in outcomes)
+    resolved = sum(o.stats.resolved for o in outcomes)
+    flagged = sum(o.flagged for o in outcomes)
+    return f"rules: {flagged} open findings ({opened} new, {resolved} resolved); see `trackloop flags`"
+
+
+@rules_app.command("run")
+@guarded
+def rules_run() -> None:
+    """Evaluate every enabled rule against the store (without pulling)."""
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        outcomes = rules_engine(config).run(session)
+    print_table("rules", ["rule", "enabled", "flagged", "new", "resolved", "time"],
+                [[o.rule, "yes" if o.enabled else "no", str(o.flagged), str(o.stats.opened),
+                  str(o.stats.resolved), f"{o.seconds:.2f}s"] for o in outcomes])
+
+
+@rules_app.command("list")
+@guarded
+def rules_list() -> None:
+    """Show every installed rule with its effective settings."""
+    config = load()
+    rows = []
+    for rule in build_rules(rule_types(), config.rules):
+        settings = rule.config.model_dump(mode="json", exclude={"enabled", "severity"})
+        rows.append([rule.id, "yes" if rule.config.enabled else "no", rule.config.severity,
+                     json.dumps(settings, ensure_ascii=False)])
+    print_table("rules", ["rule", "enabled", "severity", "settings"], rows)
+
+
+@app.command()
+@guarded
+def flags(
+    rule: Annotated[str | None, typer.Option("--rule", help="Only this rule.")] = None,
+    owner: Annotated[str | None, typer.Option("--owner", help='Person key; "none" for unowned tasks.')] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (see README).")] = False,
+) -> None:
+    """List open findings: what needs follow-up, why, and who should act."""
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        docs = [finding_json(v) for v in open_findings(session, rule=rule, owner=owner)]
+    if as_json:
+        print_json(docs)
+        return
+    render_flags(docs)
+
+
+def render_flags(docs: list[dict[str, Any]], title: str = "flags") -> None:
+    print_table(f"{title} ({len(docs)})", ["task", "rule", "severity", "act", "message"],
+                [[f"{d['source']}:{d['external_id']}", d["rule"], d["severity"], d["act"] or "-", d["message"]]
+                 for d in docs])
+
+
+def _task_or_fail(session: Any, ref: str) -> Any:
+    task = find_task(session, ref)
+    if task is None:
+        raise UsageError(f"no task {ref!r}; name it SOURCE:EXTERNAL_ID (e.g. gh:acme/api#42) or by its URL")
+    return task
+
+
+@app.command()
+@guarded
+def snooze(
+    task: Annotated[str, typer.Argument(help="SOURCE:EXTERNAL_ID or the task's URL.")],
+    rule: Annotated[str, typer.Argument(help="The rule whose finding to hide.")],
+    for_: Annotated[str, typer.Option("--for", help='How long, e.g. "3d".')] = "1d",
+) -> None:
+    """Hide a finding until then; it comes back earlier if the task changes."""
+    try:
+        span = parse_duration(for_)
+    except ValueError as exc:
+        raise UsageError(f"--for: {exc}") from None
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        found = _task_or_fail(session, task)
+        until = datetime.now(UTC) + span
+        if snooze_finding(session, found, rule, until) is None:
+            raise UsageError(f"{task} has no open {rule!r} finding")
+    err.print(f"snoozed {rule} on {task} until {until.isoformat(timespec='minutes')}", markup=False)
+
+
+@app.command()
+@guarded
+def verify(task: Annotated[str, typer.Argument(help="SOURCE:EXTERNAL_ID or the task's URL.")]) -> None:
+    """Record that a done task's outcome was checked (clears done_unverified)."""
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        found = _task_or_fail(session, task)
+        session.add(TaskEvent(task_id=found.id, at=datetime.now(UTC), field="verified", old=None,
+                              new=os.environ.get("USER") or "cli", origin="user"))
+        rules_engine(config).run(session)
+    err.print(f"recorded verification of {task}", markup=False)
 
 
 @app.command()

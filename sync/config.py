@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
+from rules.base import Rule, RuleConfig
+from rules.registry import rule_types as rule_types_of
 from store.canonical import IdentityKind
 from store.errors import ConfigError, ConfigProblem
 from store.people import PersonSpec
@@ -86,7 +88,7 @@ class AppConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     people: dict[str, PersonConfig] = Field(default_factory=dict)
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
-    rules: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rules: dict[str, RuleConfig] = Field(default_factory=dict)
     notify: dict[str, Any] = Field(default_factory=dict)
     digests: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -205,6 +207,7 @@ def parse_config(
     file: str = "",
     env: Mapping[str, str] | None = None,
     connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+    rule_types: Mapping[str, type[Rule]] | None = None,  # type: ignore[type-arg]
 ) -> AppConfig:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
@@ -239,6 +242,8 @@ def parse_config(
         except ValidationError as exc:
             problems.extend(_problems_from(exc, file, path))
 
+    rules = _rules(top.rules, file, problems, rule_types_of(rule_types))
+
     for key in top.people:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", key):
             problems.append(ConfigProblem(file, f"people.{key}", "person keys are lower-case letters, digits, _ . -"))
@@ -250,10 +255,30 @@ def parse_config(
         store=top.store,
         people=top.people,
         connectors=connectors,
-        rules=top.rules,
+        rules=rules,
         notify=top.notify,
         digests=top.digests,
     )
+
+
+def _rules(
+    sections: dict[str, dict[str, Any]],
+    file: str,
+    problems: list[ConfigProblem],
+    types: Mapping[str, type[Rule]],  # type: ignore[type-arg]
+) -> dict[str, RuleConfig]:
+    out: dict[str, RuleConfig] = {}
+    for rule_id, section in sections.items():
+        cls = types.get(rule_id)
+        if cls is None:
+            known = ", ".join(sorted(types)) or "none installed"
+            problems.append(ConfigProblem(file, f"rules.{rule_id}", f"unknown rule (known: {known})"))
+            continue
+        try:
+            out[rule_id] = cls.config_model.model_validate(section)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, file, ("rules", rule_id)))
+    return out
 
 
 def load_config(
@@ -261,6 +286,7 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+    rule_types: Mapping[str, type[Rule]] | None = None,  # type: ignore[type-arg]
 ) -> AppConfig:
     """Read and validate a config file."""
     file = str(path)
@@ -274,7 +300,7 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(file, "", f"invalid TOML: {exc}")]) from None
-    return parse_config(data, file=file, env=env, connector_types=connector_types)
+    return parse_config(data, file=file, env=env, connector_types=connector_types, rule_types=rule_types)
 
 
 def config_schema(connector_types: Mapping[str, type[Connector]]) -> dict[str, Any]:  # type: ignore[type-arg]
@@ -290,4 +316,12 @@ def config_schema(connector_types: Mapping[str, type[Connector]]) -> dict[str, A
         defs[title] = sub
         variants.append({"$ref": f"#/$defs/{title}"})
     schema["properties"]["connectors"]["additionalProperties"] = {"oneOf": variants}
+    rule_props = {}
+    for rule_id, rule_cls in sorted(rule_types_of(None).items()):
+        sub = rule_cls.config_model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        defs[sub.get("title", rule_id)] = sub
+        rule_props[rule_id] = {"$ref": f"#/$defs/{sub.get('title', rule_id)}"}
+    schema["properties"]["rules"] = {**schema["properties"]["rules"], "properties": rule_props,
+                                     "additionalProperties": False}
     return schema

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from connectors.registry import GROUP, PluginError, discover
+from connectors.registry import GROUP, connector_plugins
+from store.plugins import PluginError, discover
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("store", "connectors", "rules", "sync")
 # What each room may import from the others (the design card's dependency direction).
 ALLOWED = {
     "store": set(),
-    "connectors": {"store.canonical", "store.errors", "store.durations"},
+    "connectors": {"store.canonical", "store.errors", "store.durations", "store.plugins"},
     "rules": {"store"},
     "sync": {"store", "connectors", "rules"},
 }
@@ -49,7 +50,7 @@ def test_imports_point_inward(package: str) -> None:
 
 def test_builtins_register_through_entry_points() -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][GROUP]
-    plugins = discover()
+    plugins = connector_plugins()
     for name, target in declared.items():
         assert name in plugins, f"{name} declared in pyproject but not installed; reinstall"
         assert plugins[name].cls.kind == name
@@ -68,13 +69,13 @@ def test_every_builtin_connector_has_tests_and_docs() -> None:
 def test_two_plugins_with_one_name_fail_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint
 
-    import connectors.registry as registry
+    import store.plugins as registry
 
     fake = [EntryPoint("csv", "connectors.csv:CsvConnector", GROUP),
             EntryPoint("csv", "other_pkg.csv:Thing", GROUP)]
     monkeypatch.setattr(registry, "entry_points", lambda group: fake)
     with pytest.raises(PluginError, match=r"two plugins are named 'csv'.*connectors\.csv:CsvConnector.*other_pkg"):
-        discover()
+        discover(GROUP)
     assert entry_points  # the real function stays importable
 
 

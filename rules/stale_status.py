@@ -1,0 +1,96 @@
+"""`stale_status`: no activity and no status change for longer than its status allows.
+
+Activity is the task's own (as the source reports it, minus trackloop's own posts) or that of
+a task linked to it: an issue whose pull request moves is being worked on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pydantic import Field, field_validator
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import aliased
+
+from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict, business_elapsed, days_text
+from store.canonical import LinkKind
+from store.durations import Duration, format_duration
+from store.models import Task, TaskLink
+
+DEFAULT_AFTER = {"in_progress": timedelta(days=3), "todo": timedelta(days=14), "blocked": timedelta(days=2)}
+
+
+class StaleStatusConfig(RuleConfig):
+    after: dict[str, Duration] = Field(
+        default_factory=lambda: dict(DEFAULT_AFTER),
+        description="Quiet time allowed per open status (todo, in_progress, blocked); a status left out is not checked.",
+    )
+    business_days: bool = Field(True, description="Count only Monday to Friday.")
+
+    @field_validator("after")
+    @classmethod
+    def _open_statuses(cls, value: dict[str, object]) -> dict[str, object]:
+        unknown = sorted(set(value) - set(OPEN))
+        if unknown:
+            raise ValueError(f"expected open statuses ({', '.join(OPEN)}), got {', '.join(unknown)}")
+        return value
+
+
+class StaleStatus(Rule[StaleStatusConfig]):
+    id = "stale_status"
+    config_model = StaleStatusConfig
+
+    def evaluate(self, ctx: RuleContext) -> list[Verdict]:
+        # Business time is never more than calendar time, so the calendar cutoff is a safe SQL
+        # prefilter; the exact business-day check runs on the few candidates left.
+        candidates: dict[int, tuple[str, datetime]] = {}
+        for status, allowed in self.config.after.items():
+            cutoff = ctx.now - allowed
+            stmt = select(Task.id, Task.last_activity_at, Task.status_changed_at, Task.first_seen_at).where(
+                Task.status == status,
+                or_(Task.last_activity_at.is_(None), Task.last_activity_at < cutoff),
+                or_(Task.status_changed_at.is_(None), Task.status_changed_at < cutoff),
+                or_(Task.last_activity_at.is_not(None), Task.status_changed_at.is_not(None),
+                    Task.first_seen_at < cutoff),
+            )
+            for tid, activity, status_since, first_seen in ctx.session.execute(ctx.scoped(stmt, self.config)):
+                known = [t for t in (activity, status_since) if t is not None]
+                candidates[tid] = (status, max(known) if known else first_seen)
+        linked = self._linked_activity(ctx, set(candidates))
+        verdicts = []
+        for tid, (status, since) in candidates.items():
+            since = max(since, linked.get(tid, since))
+            quiet_for = business_elapsed(since, ctx.now) if self.config.business_days else ctx.now - since
+            allowed = self.config.after[status]
+            if quiet_for <= allowed:
+                continue
+            label = status.replace("_", " ")
+            message = (f"{label} with no activity for {days_text(quiet_for, self.config.business_days)}; "
+                       f"threshold {format_duration(allowed)}")
+            verdicts.append(Verdict(tid, message, {"status": status, "quiet_since": since.isoformat()}))
+        return verdicts
+
+    @staticmethod
+    def _linked_activity(ctx: RuleContext, ids: set[int]) -> dict[int, datetime]:
+        """Latest activity of the tasks that count as work on each candidate: related and
+        duplicate tasks either way, and children for their parent (not blockers or blocked).
+
+        One pass over those links (usually far fewer than candidates), filtered in Python."""
+        here, there = aliased(Task), aliased(Task)
+        latest: dict[int, datetime] = {}
+        both_ways = [LinkKind.RELATES.value, LinkKind.DUPLICATE.value]
+        directions = (("src", "dst", both_ways), ("dst", "src", [*both_ways, LinkKind.PARENT.value]))
+        for mine, theirs, kinds in directions:
+            stmt = (
+                select(here.id, there.last_activity_at)
+                .select_from(TaskLink)
+                .join(here, and_(getattr(TaskLink, f"{mine}_source") == here.source,
+                                 getattr(TaskLink, f"{mine}_external_id") == here.external_id))
+                .join(there, and_(getattr(TaskLink, f"{theirs}_source") == there.source,
+                                  getattr(TaskLink, f"{theirs}_external_id") == there.external_id))
+                .where(TaskLink.kind.in_(kinds), here.status.in_(OPEN), there.last_activity_at.is_not(None))
+            )
+            for tid, when in ctx.session.execute(stmt):
+                if tid in ids and (tid not in latest or when > latest[tid]):
+                    latest[tid] = when
+        return latest

@@ -1,0 +1,33 @@
+"""SQL expressions that differ by backend, so queries elsewhere stay portable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, ColumnElement, String, any_, bindparam, column, exists, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from store.models import Task
+
+
+def dialect_of(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def one_of(session: Session, col: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """`col IN values`, as `= ANY(array)` on PostgreSQL: one parameter instead of thousands,
+    whose plan does not degrade into a filter over the whole table."""
+    if dialect_of(session) == "postgresql":
+        item = BigInteger() if values and isinstance(values[0], int) else String()
+        return col == any_(bindparam(None, list(values), type_=ARRAY(item)))
+    return col.in_(list(values))
+
+
+def has_any_label(session: Session, labels: Sequence[str]) -> ColumnElement[bool]:
+    """The task carries at least one of `labels` (compared case-insensitively)."""
+    wanted = sorted({label.lower() for label in labels})
+    fn = func.jsonb_array_elements_text if dialect_of(session) == "postgresql" else func.json_each
+    elements = fn(Task.labels).table_valued("value").alias("label")
+    return exists(select(1).select_from(elements).where(func.lower(column("value")).in_(wanted)))
