@@ -251,7 +251,6 @@ class SlackChannelState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     top: str  # newest top-level ts read so far
     floor: str | None  # oldest ts ever read (None: the whole history); --full re-reads from here
-    read_at: datetime  # when this channel was last read
     threads: dict[str, str] = Field(default_factory=dict)  # parent ts -> latest_reply, in the window
     seen: dict[str, SlackSeen] = Field(default_factory=dict)  # captured ts -> what was emitted
 
@@ -723,8 +722,10 @@ def split_digest(blocks: Sequence[Mapping[str, Any]]) -> list[list[dict[str, Any
     for block in fitted:
         if len(current) == MAX_BLOCKS:
             carry = []
-            while current and current[-1].get("type") in ("header", "divider") and len(current) > 1:
+            if current[-1].get("type") == "header":  # a header belongs with what follows it
                 carry.insert(0, current.pop())
+                if current[-1].get("type") == "divider":
+                    carry.insert(0, current.pop())
             parts.append(current)
             current = carry
         current.append(block)
@@ -760,12 +761,12 @@ class _ChannelRead:
         self.force = force  # --full or changed rules: rebuild every captured message, changed or not
         self.threads_before = prev.threads if prev else {}
         self.seen_before = prev.seen if prev else {}
-        self.read_before = prev.read_at if prev else None
+        self.top_before = prev.top if prev else None
         self.tasks: list[TaskRecord] = []
         self.activities: list[ActivityRecord] = []
         self.seen: dict[str, SlackSeen] = {}
         self.evaluated: set[str] = set()
-        self.state: SlackChannelState = SlackChannelState(top="0.000000", floor=None, read_at=now)
+        self.state: SlackChannelState = SlackChannelState(top="0.000000", floor=None)
 
     def consider(self, message: dict[str, Any], thread: Sequence[dict[str, Any]] | None) -> None:
         """Emit a record for a captured (or formerly captured) message that changed since last time."""
@@ -794,8 +795,8 @@ class _ChannelRead:
         rx = reactions_digest(message, bots)
         if before is not None:
             rx_at = before.rx_at if before.rx == rx else self.now
-        elif rx and self.read_before is not None and ts_datetime(ts) < self.read_before:
-            rx_at = self.now  # an older message captured since the last read: its reactions are new
+        elif rx and self._read_before(message):
+            rx_at = self.now  # a message the last read saw uncaptured: its reactions are new since
         else:
             rx_at = None  # first sight: when the reactions were added is unknown, so they are not dated
         url = before.url if before is not None else None
@@ -819,6 +820,14 @@ class _ChannelRead:
             self.activities.append(
                 ActivityRecord(target, ts_datetime(edited["ts"]), identity(author, c._known()), "edit")
             )
+
+    def _read_before(self, message: Mapping[str, Any]) -> bool:
+        """Whether the previous read listed this message (Slack's own timestamps decide, not our clock)."""
+        ts, parent = message["ts"], message.get("thread_ts")
+        if parent and parent != ts:
+            latest = self.threads_before.get(parent)
+            return latest is not None and ts_key(ts) <= ts_key(latest)
+        return self.top_before is not None and ts_key(ts) <= ts_key(self.top_before)
 
     def thread_activity(self, parent: dict[str, Any], thread: Sequence[dict[str, Any]]) -> None:
         """Replies newer than the thread's last known reply are activity on the captured parent."""
@@ -881,11 +890,11 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
         data = response.data if isinstance(getattr(response, "data", None), dict) else {}
         code = str(data.get("error") or "")
         where = f"slack {self.name}: {self._method}"
+        headers = {k.lower(): v for k, v in (getattr(response, "headers", None) or {}).items()}
+        raw = headers.get("retry-after")
+        hint = parse_retry_after(raw[0] if isinstance(raw, list) else raw, self.now())
         if status == 429 or code == "ratelimited":
-            headers = {k.lower(): v for k, v in (getattr(response, "headers", None) or {}).items()}
-            raw = headers.get("retry-after")
-            wait = parse_retry_after(raw[0] if isinstance(raw, list) else raw, self.now())
-            wait = 1.0 if wait is None else wait
+            wait = 1.0 if hint is None else hint
             if wait > self.config.retry.max_wait.total_seconds():
                 return RateLimited(
                     f"{where} is rate limited for {wait:.0f}s", reset_at=self.now() + timedelta(seconds=wait),
@@ -901,15 +910,16 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
                 f"slack connector {self.name!r}: the token lacks the {needed} scope ({self._method})"
             )
         if status >= 500 or code in TRANSIENT_ERRORS:
-            return TransientError(f"{where} failed: {code or f'HTTP {status}'}")
+            reason = f"HTTP {status}" if status >= 500 else code
+            return TransientError(f"{where} failed: {reason}", retry_after=hint)
         if code.startswith("Received a response in a non-JSON format"):
             return PayloadError(f"{where}: unreadable answer (HTTP {status})")
         if status != 200:
             return SlackError(f"{where}: HTTP {status} (is base_url {self.config.base_url} right?)",
                               code=code)
-        hint = {"not_in_channel": " (invite the bot to the channel)",
-                "channel_not_found": " (check `channels`)"}
-        return SlackError(f"{where} failed: {code}{hint.get(code, '')}", code=code)
+        advice = {"not_in_channel": " (invite the bot to the channel)",
+                  "channel_not_found": " (check `channels`)"}
+        return SlackError(f"{where} failed: {code}{advice.get(code, '')}", code=code)
 
     def _request(self, method: str, kwargs: dict[str, Any]) -> Any:
         self._method = method
@@ -1127,7 +1137,7 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
         seen = {ts: e for ts, e in read.seen_before.items() if ts not in read.evaluated}
         seen.update(read.seen)
         seen = {ts: e for ts, e in seen.items() if ts_key(ts) >= window_start}
-        read.state = SlackChannelState(top=top, floor=floor, read_at=now, threads=threads, seen=seen)
+        read.state = SlackChannelState(top=top, floor=floor, threads=threads, seen=seen)
         return read
 
     def _config_bots(self) -> set[str]:
