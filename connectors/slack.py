@@ -572,6 +572,8 @@ def message_to_task(
     names = {uid: user_name(u, uid) for uid, u in users.items()}
     body_text, prefix = _strip_prefix(render_text(text, names), rules.prefixes)
     title = _title(body_text, message)
+    if prefix is not None:  # "TODO: rotate certs" -> "Rotate certs"
+        title = title[:1].upper() + title[1:]
 
     claimed = reactors(message, rules.assign, bots)
     mentioned = [u for u in mentioned_users(text) if u not in bots]
@@ -587,6 +589,8 @@ def message_to_task(
         human_times.append(reactions_at)
     lines = []
     for reply in thread:
+        if is_own_post(reply):
+            continue  # trackloop's own nudges are not part of the task
         who = reply.get("user")
         who_name = names.get(who, who) if who else "bot"
         lines.append(f"{who_name}: {render_text(reply.get('text') or '', names)}")
@@ -612,7 +616,6 @@ def message_to_task(
     else:
         status, raw = Status.TODO, "open"
     done_at = reactions_at if status is Status.DONE else None
-    reason = f"prefix:{prefix}" if prefix else capture_reason(message, rules, bots)
     return TaskRecord(
         external_id=f"{channel}:{ts}",
         title=title,
@@ -634,7 +637,7 @@ def message_to_task(
             "channel": channel,
             "ts": ts,
             "thread_ts": thread_root,
-            "captured_by": reason,
+            "captured_by": capture_reason(message, rules, bots),
             "reply_count": int(message.get("reply_count") or 0) if thread_root == ts else 0,
             "done_by": finishers,
         },

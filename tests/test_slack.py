@@ -156,7 +156,7 @@ def test_message_to_task_maps_a_prefixed_message_with_thread() -> None:
     ]
     task = message_to_task(OPS, msg, rules=RULES, users=USERS, thread=thread, url="https://acme/p1")
     assert task.external_id == "C0OPS:1793602800.000100" and task.scope == OPS
-    assert task.title == "rotate the certs for @Bob Otieno by Friday"
+    assert task.title == "Rotate the certs for @Bob Otieno by Friday"
     assert task.body == (
         "TODO: rotate the certs for @Bob Otieno by Friday\nsee #ops\n\n"
         "Bob Otieno: on it, @alice\nbot: deploy done"
@@ -382,13 +382,13 @@ def test_capture_by_reaction_and_by_prefix(store: Store, slack: SlackStandin, cl
     assert set(found) == {f"{OPS}:{todo}", f"{OPS}:{asked}", f"{OPS}:{inner}"}
     assert bot_alert not in {k.split(":")[1] for k in found}
     cert = found[f"{OPS}:{todo}"]
-    assert cert["title"] == "rotate the wildcard cert, @bob by Friday"
+    assert cert["title"] == "Rotate the wildcard cert, @bob by Friday"
     assert (cert["owner"], cert["due"], cert["status"]) == ("bob", "2026-11-06", "todo")
     assert cert["url"] == f"https://acme.slack.com/archives/{OPS}/p{todo.replace('.', '')}"
     dns = found[f"{OPS}:{asked}"]
     assert (dns["owner"], dns["extra"]["captured_by"]) == (None, "reaction:eyes")
     snapshot = found[f"{OPS}:{inner}"]
-    assert snapshot["title"] == "snapshot the replica first"
+    assert snapshot["title"] == "Snapshot the replica first"
     assert snapshot["extra"]["thread_ts"] == parent and "?thread_ts=" in snapshot["url"]
     with store.transaction() as session:
         reporters = {t.external_id: t.reporter_id for t in session.scalars(select(Task))}
