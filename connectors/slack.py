@@ -189,7 +189,9 @@ class SlackConfig(ConnectorConfig):
         description="How far back the first sync reads (at least `lookback`).",
     )
     page_size: int = Field(
-        200, ge=1, le=999, description="Messages per conversations.history page (Slack allows up to 999)."
+        999, ge=1, le=999,
+        description="Messages per conversations.history call (Slack's maximum, 999, keeps re-reading the "
+        "window cheap).",
     )
     history_calls_per_minute: int = Field(
         45,
@@ -525,6 +527,16 @@ def identity(user_id: str, users: Mapping[str, Mapping[str, Any]]) -> IdentityRe
     return IdentityRef(IdentityKind.SLACK, user_id, display_name=user_name(user) or None, email=email)
 
 
+def attachment_text(message: Mapping[str, Any]) -> str:
+    """What a bot post without `text` says in its legacy attachments (alert bots often post so)."""
+    for item in message.get("attachments") or []:
+        if isinstance(item, dict):
+            for name in ("title", "fallback", "pretext", "text"):
+                if isinstance(item.get(name), str) and item[name].strip():
+                    return item[name]
+    return ""
+
+
 def _zone(user: Mapping[str, Any] | None) -> ZoneInfo | None:
     tz = (user or {}).get("tz")
     if not isinstance(tz, str) or not tz:
@@ -567,7 +579,7 @@ def message_to_task(
     """
     ts = message["ts"]
     created = ts_datetime(ts)
-    text = message.get("text") or ""
+    text = message.get("text") or attachment_text(message)
     author = message.get("user") if not is_bot_message(message) else None
     names = {uid: user_name(u, uid) for uid, u in users.items()}
     body_text, prefix = _strip_prefix(render_text(text, names), rules.prefixes)

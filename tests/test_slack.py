@@ -204,6 +204,9 @@ def test_message_to_task_odd_messages() -> None:
     bot = message(user=None, subtype="bot_message", bot_id="B1", text="disk full on db-2")
     task = message_to_task(OPS, bot, rules=RULES, users={})
     assert task.reporter is None and task.last_activity_at is None  # a bot is not human activity
+    alert = message(user=None, subtype="bot_message", bot_id="B2", text="", attachments=[
+        {"id": 1, "color": "danger", "fallback": "[FIRING] disk 91% on db-2", "text": "details"}])
+    assert message_to_task(OPS, alert, rules=RULES, users={}).title == "[FIRING] disk 91% on db-2"
     mentions_only_bots = message(text="TODO: ask <@U09DEPLOY>", user=ALICE)
     assert message_to_task(OPS, mentions_only_bots, rules=RULES, users={}, bots={DEPLOYBOT}).assignees == ()
     empty = message(text="   \n")
