@@ -98,8 +98,8 @@ def main() -> None:
         section = {"type": "slack", "token": slack.token, "base_url": slack.base_url + "/api/",
                    "channels": names, "history_calls_per_minute": 100_000}
         messages = args.channels * args.per_day * args.days
-        print(f"{args.channels} channels x {args.per_day} messages/day x {args.days} days = {messages} messages "
-              f"in the window ({messages // 40 * 2} tasks, {messages // 7} threads)\n")
+        print(f"{args.channels} channels x {args.per_day} messages/day x {args.days} days = {messages} "
+              f"messages in the window ({messages // 40 * 2} tasks, {messages // 7} threads)\n")
         print("| sync | wall s | requests | history | replies | users.info | permalink | conv.list | "
               "conv.open | postMessage | new/updated | paced |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -110,12 +110,13 @@ def main() -> None:
             slack.react(channel, stamps[middle + 1], "task", "U01ALICE")  # a late reaction, 3.5 days old
             slack.reply(channel, stamps[280], "U02BOB", "any news?")  # a task's thread moves
             slack.post(channel, "U03CAROL", "TODO: one more thing")
-        print(row("incremental (per channel: 1 late reaction, 1 reply, 1 new task)", *run(store, slack, section)))
+        label = "incremental (per channel: 1 late reaction, 1 reply, 1 new task)"
+        print(row(label, *run(store, slack, section)))
         print(row("idle, page_size 200", *run(store, slack, {**section, "page_size": 200})))
         store.close()
 
         connector = SlackConnector("slack", SlackConfig(**section), clock=lambda: NOW)
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": f"*OPS-{i}* overdue by {i % 9} days"}}
+        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": f"*OPS-{i}* overdue {i % 9} days"}}
                   for i in range(150)]
         pushes = [
             ("push dm", Action(key="bench-dm", kind="dm", target="U02BOB", text="Is OPS-1 still on?")),

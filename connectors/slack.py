@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import re
 from collections import deque
 from collections.abc import Container, Iterator, Mapping, Sequence
@@ -880,12 +881,15 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
     @property
     def client(self) -> WebClient:
         if self._client is None:
+            sdk_log = self.log.getChild("sdk")
+            if not self.log.isEnabledFor(logging.DEBUG):  # it logs as errors what we translate and retry
+                sdk_log.setLevel(logging.CRITICAL)
             self._client = WebClient(
                 token=self.config.token.get_secret_value(),
                 base_url=self.config.base_url,
                 timeout=int(self.config.timeout.total_seconds()),
                 retry_handlers=[],  # the base's tenacity policy is the only retry layer
-                logger=self.log.getChild("sdk"),
+                logger=sdk_log,
             )
         return self._client
 
@@ -990,7 +994,7 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
     # -- check ---------------------------------------------------------------------------------
     def check(self) -> CheckResult:
         try:
-            auth = self._read("auth.test")
+            auth = self.once(self._request, "auth.test", {})  # one try: doctor reports, it does not wait
         except ConnectorError as exc:
             return CheckResult(False, str(exc))
         return CheckResult(

@@ -742,6 +742,57 @@ def test_cursor_stays_small_and_bounded(store: Store, slack: SlackStandin, clock
     assert len(cursor.channels[OPS].seen) == 1 and cursor.channels[OPS].threads == {}
 
 
+def test_own_thread_reply_is_neither_body_nor_activity(
+    store: Store, slack: SlackStandin, clock: Clock
+) -> None:
+    ts = slack.post(OPS, ALICE, "TODO: <@U02BOB> clean up the old VPN accounts")
+    sync(store, slack, clock)
+    before = tasks(store)[f"{OPS}:{ts}"]
+    later(slack, clock, days=3)
+    connector(slack, clock).push(Action(key="nudge-1", kind="reply", text="Still open after 3 days?",
+                                        task_external_id=f"{OPS}:{ts}"))
+    later(slack, clock, minutes=1)
+    sync(store, slack, clock)
+    after = tasks(store)[f"{OPS}:{ts}"]
+    assert after["last_activity_at"] == before["last_activity_at"]
+    assert "Still open" not in after["body"]
+
+
+def test_demo_source_captures_three_ways() -> None:
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from sync.demo import slack as demo
+
+    with ExitStack() as stack:
+        name, demo_section = demo.source(stack, Path("."), date.today())
+        config = SlackConfig(**demo_section)
+        [page] = list(SlackConnector(name, config).pull(SyncState()))
+    by_reason = {t.extra["captured_by"]: t for t in page.tasks}
+    assert set(by_reason) == {"prefix:TODO:", "reaction:task", "prefix:action item:"}
+    assert len(page.tasks) == 4
+    threaded = {t.title for t in page.tasks if "bob:" in t.body}
+    assert threaded == {"Move the wiki backups to the new storage bucket"}
+    assert [a.what for a in page.activities] == ["reply"]
+
+
+def test_registered_and_documented() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from connectors.registry import connector_types
+
+    assert connector_types()["slack"] is SlackConnector
+    root = Path(__file__).resolve().parent.parent
+    example = tomllib.loads((root / "config.example.toml").read_text())["connectors"]["slack"]
+    assert set(SlackConfig.model_fields) <= set(example), "config.example.toml must show every key"
+    config = parse_config({"connectors": {"slack": example}}, env={"SLACK_BOT_TOKEN": "xoxb-example"},
+                          connector_types={"slack": SlackConnector})
+    assert config.connectors["slack"].type == "slack"
+    readme = (root / "README.md").read_text()
+    assert "### slack" in readme and "internal (custom) app" in readme
+
+
 # -- the shared contract -----------------------------------------------------------------------------
 class SlackWorld:
     kind = "slack"
