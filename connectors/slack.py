@@ -253,7 +253,7 @@ class SlackSeen(BaseModel):
 class SlackChannelState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     top: str  # newest top-level ts read so far
-    floor: str | None  # oldest ts ever read (None: the whole history); --full re-reads from here
+    floor: str  # where the first read started; --full re-reads from here
     threads: dict[str, str] = Field(default_factory=dict)  # parent ts -> latest_reply, in the window
     seen: dict[str, SlackSeen] = Field(default_factory=dict)  # captured ts -> what was emitted
 
@@ -782,7 +782,8 @@ class _ChannelRead:
         self.activities: list[ActivityRecord] = []
         self.seen: dict[str, SlackSeen] = {}
         self.evaluated: set[str] = set()
-        self.state: SlackChannelState = SlackChannelState(top="0.000000", floor=None)
+        self.state: SlackChannelState = SlackChannelState(top="0.000000", floor="0.000000")
+        self.complete = False
 
     def consider(self, message: dict[str, Any], thread: Sequence[dict[str, Any]] | None) -> None:
         """Emit a record for a captured (or formerly captured) message that changed since last time."""
@@ -1038,7 +1039,7 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
                     tasks=chunk,
                     cursor=after if last else before,
                     activities=run.activities if last else (),
-                    completed_scopes=[channel_id] if last and state.full else (),
+                    completed_scopes=[channel_id] if last and run.complete else (),
                 )
         if failures:
             raise SlackError(f"slack {self.name}: cannot read " + "; ".join(failures), code="channels")
@@ -1085,12 +1086,10 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
             if not page.get("has_more") or not cursor:
                 return found
 
-    def _history(self, channel: str, oldest: str | None) -> list[dict[str, Any]]:
+    def _history(self, channel: str, oldest: str) -> list[dict[str, Any]]:
         """Every top-level message since `oldest` (inclusive), oldest first."""
         kwargs: dict[str, Any] = {"channel": channel, "limit": self.config.page_size, "inclusive": True,
-                                  "include_all_metadata": True}
-        if oldest:
-            kwargs["oldest"] = oldest
+                                  "include_all_metadata": True, "oldest": oldest}
         return self._readable(channel, reversed(self._paged("conversations.history", "messages", **kwargs)))
 
     def _replies(self, channel: str, ts: str) -> list[dict[str, Any]]:
@@ -1121,18 +1120,16 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
     ) -> _ChannelRead:
         now = self.now()
         window_start = ts_key(datetime_ts(now - self.config.lookback))
-        if full:
-            oldest = prev.floor if prev else None  # everything this store could hold from here
-        elif prev is None:
+        if prev is None:  # the first read (a --full one too) covers the backfill window
             oldest = datetime_ts(now - self.config.backfill)
+        elif full:  # from where the first read started: all this store can hold of the channel
+            oldest = prev.floor
         else:  # the window, or from the newest message read if the last sync is older than that
             oldest = min(prev.top, datetime_ts(now - self.config.lookback), key=ts_key)
-        if prev is None or oldest is None or prev.floor is None:
-            floor = None if (prev is not None and prev.floor is None) else oldest
-        else:
-            floor = min(prev.floor, oldest, key=ts_key)
+        floor = oldest if prev is None else min(prev.floor, oldest, key=ts_key)
         read = _ChannelRead(self, channel, prev, now, force=full or rules_changed)
-        top = prev.top if prev else (oldest or "0.000000")
+        read.complete = full and prev is not None  # only then can tasks missing from it be cancelled
+        top = prev.top if prev else oldest
         threads: dict[str, str] = {}
         for message in self._history(channel, oldest):
             ts = message["ts"]

@@ -507,6 +507,17 @@ def test_uncaptured_is_cancelled_and_full_sync_cancels_deleted(
     assert found[f"{OPS}:{doomed}"]["status"] == "cancelled" and found[f"{OPS}:{keep}"]["status"] == "todo"
 
 
+def test_full_listing_vouches_only_for_channels_read_before(slack: SlackStandin, clock: Clock) -> None:
+    slack.post(OPS, ALICE, "TODO: one")
+    config = SlackConfig(**section(slack))
+    cold = list(SlackConnector("team", config, clock=clock).pull(SyncState(full=True)))
+    assert [p.completed_scopes for p in cold] == [()]  # no cursor: a lost one may hide older tasks
+    cursor = cold[-1].cursor
+    assert cursor is not None and cursor.channels[OPS].floor == datetime_ts(clock.now - timedelta(days=7))
+    full = list(SlackConnector("team", config, clock=clock).pull(SyncState(cursor=cursor, full=True)))
+    assert [p.completed_scopes for p in full] == [[OPS]] and len(full[0].tasks) == 1
+
+
 def test_request_counts_cold_incremental_idle(store: Store, slack: SlackStandin, clock: Clock) -> None:
     for i in range(30):
         slack.post(OPS, ALICE if i % 2 else BOB, f"message {i}")
