@@ -798,8 +798,8 @@ class _ChannelRead:
         reason = capture_reason(message, c.rules, c._config_bots())
         if reason and reason.startswith("reaction:"):  # a bot's reaction does not count: look reactors up
             reason = capture_reason(message, c.rules, c._bots_among(reactors(message, c.rules.capture)))
-        if reason is None and before is None:
-            return
+        if reason is None and (before is None or message.get("subtype") not in TASK_SUBTYPES):
+            return  # not a task; a deleted one (tombstone) is cancelled by the next --full
         if thread is None and message.get("latest_reply") and message.get("thread_ts") == ts:
             thread = c._replies(self.channel, ts)  # the body holds the thread, even when it did not move
         thread = thread or ()
@@ -1279,12 +1279,17 @@ def _link(url: str | None) -> str | None:
 
 
 __all__ = [
+    "EVENT_TYPE",
     "CaptureRules",
     "SlackConfig",
     "SlackConnector",
     "SlackCursor",
+    "SlackError",
     "capture_reason",
+    "defuse_broadcasts",
     "escape_mrkdwn",
+    "fit_block",
+    "malformed",
     "message_to_task",
     "parse_due",
     "render_text",

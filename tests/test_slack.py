@@ -507,6 +507,23 @@ def test_uncaptured_is_cancelled_and_full_sync_cancels_deleted(
     assert found[f"{OPS}:{doomed}"]["status"] == "cancelled" and found[f"{OPS}:{keep}"]["status"] == "todo"
 
 
+def test_odd_history_items_never_crash(store: Store, slack: SlackStandin, clock: Clock) -> None:
+    threaded = slack.post(OPS, ALICE, "TODO: retire the old jump host")
+    slack.reply(OPS, threaded, BOB, "ok")
+    slack.post(OPS, None, "", subtype="message_changed")  # an edit event: no user, no task
+    slack.post(OPS, None, "", subtype="message_deleted")
+    slack.post(OPS, BOB, "/giphy", subtype="me_message")
+    slack.post(OPS, BOB, "TODO: ping", subtype="channel_topic")
+    sync(store, slack, clock)
+    assert [t["title"] for t in tasks(store).values()] == ["Retire the old jump host"]
+    later(slack, clock, hours=1)
+    slack.delete(OPS, threaded)  # a parent with replies stays as a tombstone
+    sync(store, slack, clock)
+    task = tasks(store)[f"{OPS}:{threaded}"]
+    assert (task["title"], task["status"]) == ("Retire the old jump host", "todo")  # not overwritten
+    assert sync(store, slack, clock, full=True).upserts.cancelled == 1
+
+
 def test_full_listing_vouches_only_for_channels_read_before(slack: SlackStandin, clock: Clock) -> None:
     slack.post(OPS, ALICE, "TODO: one")
     config = SlackConfig(**section(slack))
