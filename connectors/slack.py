@@ -247,6 +247,8 @@ class SlackSeen(BaseModel):
     fp: str  # fingerprint of the message (text, edit, reactions, thread); unchanged = nothing to do
     rx: str = ""  # digest of its human reactions
     rx_at: datetime | None = None  # when a change in them was first seen
+    done: bool = False  # a done reaction was on it
+    done_at: datetime | None = None  # when that was first seen (None: it was done when first read)
     url: str | None = None  # chat.getPermalink, fetched once
 
 
@@ -569,14 +571,16 @@ def message_to_task(
     thread: Sequence[Mapping[str, Any]] = (),
     url: str | None = None,
     reactions_at: datetime | None = None,
+    done_at: datetime | None = None,
     captured: bool = True,
 ) -> TaskRecord:
     """A captured message (and its thread's replies) as a task.
 
     `users` maps user ids to `users.info` payloads; `bots` holds the user ids that are bots, whose
     replies, edits and reactions never count as activity. `reactions_at` dates the people's
-    reactions (Slack does not); `captured=False` builds the record of a message that was a task
-    and no longer is (its capture reaction or prefix removed): it comes out cancelled.
+    reactions and `done_at` the done reaction (Slack dates neither). `captured=False` builds the
+    record of a message that was a task and no longer is (capture reaction or prefix removed): it
+    comes out cancelled.
     """
     ts = message["ts"]
     created = ts_datetime(ts)
@@ -628,7 +632,7 @@ def message_to_task(
         status, raw = Status.DONE, "done"
     else:
         status, raw = Status.TODO, "open"
-    done_at = reactions_at if status is Status.DONE else None
+    done_at = done_at if status is Status.DONE else None
     return TaskRecord(
         external_id=f"{channel}:{ts}",
         title=title,
@@ -816,16 +820,23 @@ class _ChannelRead:
             rx_at = self.now  # a message the last read saw uncaptured: its reactions are new since
         else:
             rx_at = None  # first sight: when the reactions were added is unknown, so they are not dated
+        done = bool(reactors(message, c.rules.done, bots))
+        if not done:
+            done_at = None
+        elif before is not None:
+            done_at = before.done_at if before.done else self.now
+        else:
+            done_at = rx_at
         url = before.url if before is not None else None
         if url is None and reason:
             url = c._permalink(self.channel, ts)
         record = message_to_task(
             self.channel, message, rules=c.rules, users=c._known(), bots=bots, thread=thread, url=url,
-            reactions_at=rx_at, captured=reason is not None,
+            reactions_at=rx_at, done_at=done_at, captured=reason is not None,
         )
         self.tasks.append(record)
         if reason is not None:
-            self.seen[ts] = SlackSeen(fp=fp, rx=rx, rx_at=rx_at, url=url)
+            self.seen[ts] = SlackSeen(fp=fp, rx=rx, rx_at=rx_at, done=done, done_at=done_at, url=url)
         if before is None:
             return
         target = TaskRef(record.external_id)

@@ -182,11 +182,11 @@ def test_message_to_task_done_verified_and_assign_reaction() -> None:
         {"name": "white_check_mark", "users": [BOB], "count": 1},
     ])
     done_at = datetime(2026, 11, 3, tzinfo=UTC)
-    own = message_to_task(OPS, msg, rules=RULES, users=USERS, reactions_at=done_at)
+    own = message_to_task(OPS, msg, rules=RULES, users=USERS, reactions_at=done_at, done_at=done_at)
     assert [a.value for a in own.assignees] == [BOB]  # a claim beats a mention
     assert (own.status, own.verified, own.closed_at) == (Status.DONE, False, done_at)  # the owner ticked it
     msg["reactions"][2]["users"] = [BOB, ALICE]
-    other = message_to_task(OPS, msg, rules=RULES, users=USERS, reactions_at=done_at)
+    other = message_to_task(OPS, msg, rules=RULES, users=USERS, reactions_at=done_at, done_at=done_at)
     assert other.verified is True and other.extra["done_by"] == [BOB, ALICE]
     assert other.last_activity_at == done_at
     gone = message_to_task(OPS, msg, rules=RULES, users=USERS, captured=False)
@@ -461,8 +461,10 @@ def test_done_reaction_by_someone_else_is_verified(store: Store, slack: SlackSta
 
     later(slack, clock, hours=1)
     slack.react(OPS, ts, "white_check_mark", CAROL)
+    slack.react(OPS, ts, "tada", ALICE)
     sync(store, slack, clock)
-    assert tasks(store)[key]["verified"] is True
+    task = tasks(store)[key]
+    assert task["verified"] is True and at(task["closed_at"]) == done_at  # still done since then
 
     later(slack, clock, hours=1)
     slack.unreact(OPS, ts, "white_check_mark", BOB)
