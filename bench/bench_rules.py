@@ -71,10 +71,10 @@ def main() -> None:
         engine = RulesEngine(build_rules(rule_types(), {}), clock=lambda: NOW)
         timings = []
         for label in ("cold", "warm"):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             with store.transaction() as s:
                 outcomes = engine.run(s)
-            timings.append((label, time.perf_counter() - started, outcomes))
+            timings.append((label, time.perf_counter() - started, outcomes, time.process_time() - cpu))
         with store.transaction() as s:
             open_findings = s.scalar(select(func.count()).select_from(Finding).where(Finding.status == "open"))
         store.close()
@@ -86,7 +86,8 @@ def main() -> None:
     cold, warm = timings[0][2], timings[1][2]
     for c, w in zip(cold, warm, strict=True):
         print(f"| {c.rule} | {c.flagged:,} | {c.seconds:.2f} s | {w.seconds:.2f} s |")
-    print(f"| **all rules** | | **{timings[0][1]:.2f} s** | **{timings[1][1]:.2f} s** |")
+    print(f"| **all rules (wall)** | | **{timings[0][1]:.2f} s** | **{timings[1][1]:.2f} s** |")
+    print(f"| all rules (CPU of this process) | | {timings[0][3]:.2f} s | {timings[1][3]:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,8 @@ def business_elapsed(start: datetime, end: datetime) -> timedelta:
 
 def _business_since_monday(monday: datetime, moment: datetime) -> timedelta:
     """Weekday time from a Monday midnight up to `moment`, in O(1)."""
-    elapsed = moment - monday
-    weeks, rest = divmod(elapsed, timedelta(days=7))
-    return weeks * timedelta(days=5) + min(rest, timedelta(days=5))
+    weeks, rest = divmod((moment - monday).total_seconds(), 7 * 86400)
+    return timedelta(seconds=weeks * 5 * 86400 + min(rest, 5 * 86400))
 
 
 def days_text(value: timedelta, business: bool = False) -> str:

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,11 +14,8 @@ from sqlalchemy.orm import Session
 from rules.base import Rule, RuleConfig, RuleContext, Verdict
 from store.findings import Draft, ReconcileStats, reconcile
 from store.models import Person, Task
-from store.sql import one_of
 
 log = logging.getLogger("trackloop.rules")
-
-_CHUNK = 2000
 
 
 @dataclass(slots=True)
@@ -66,13 +62,16 @@ class RulesEngine:
         now = self.clock()
         ctx = RuleContext(session=session, now=now)
         lead_id = session.scalar(select(Person.id).where(Person.lead.is_(True)).order_by(Person.key).limit(1))
+        # Who may act on each task, read once per run: one scan is cheaper than per-rule lookups.
+        people = {tid: (owner, reporter) for tid, owner, reporter in
+                  session.execute(select(Task.id, Task.owner_id, Task.reporter_id))}
         outcomes = []
         for rule in self.rules:
             started = time.monotonic()
             outcome = RuleOutcome(rule=rule.id, enabled=rule.config.enabled)
             verdicts = rule.evaluate(ctx) if rule.config.enabled else []
             ctx.results[rule.id] = {v.task_id: v for v in verdicts}
-            drafts = self._drafts(session, verdicts, lead_id)
+            drafts = self._drafts(verdicts, people, lead_id)
             outcome.stats = reconcile(session, rule.id, rule.config.severity, drafts, now)
             outcome.flagged = len(drafts)
             outcome.seconds = time.monotonic() - started
@@ -82,14 +81,10 @@ class RulesEngine:
         return outcomes
 
     @staticmethod
-    def _drafts(session: Session, verdicts: list[Verdict], lead_id: int | None) -> dict[int, Draft]:
+    def _drafts(
+        verdicts: list[Verdict], people: dict[int, tuple[int | None, int | None]], lead_id: int | None
+    ) -> dict[int, Draft]:
         """Who should act: the owner, else the reporter, else a lead."""
-        ids = [v.task_id for v in verdicts if v.act_person_id is None]
-        people: dict[int, tuple[Any, Any]] = {}
-        for i in range(0, len(ids), _CHUNK):
-            stmt = select(Task.id, Task.owner_id, Task.reporter_id).where(one_of(session, Task.id, ids[i : i + _CHUNK]))
-            for tid, owner_id, reporter_id in session.execute(stmt):
-                people[tid] = (owner_id, reporter_id)
         drafts = {}
         for v in verdicts:
             owner_id, reporter_id = people.get(v.task_id, (None, None))

@@ -9,13 +9,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from pydantic import Field, field_validator
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, type_coerce
 from sqlalchemy.orm import aliased
 
 from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict, business_elapsed, days_text
 from store.canonical import LinkKind
 from store.durations import Duration, format_duration
-from store.models import Task, TaskLink
+from store.models import Task, TaskLink, UTCDateTime
+from store.sql import latest
 
 DEFAULT_AFTER = {"in_progress": timedelta(days=3), "todo": timedelta(days=14), "blocked": timedelta(days=2)}
 
@@ -46,27 +47,27 @@ class StaleStatus(Rule[StaleStatusConfig]):
         candidates: dict[int, tuple[str, datetime]] = {}
         for status, allowed in self.config.after.items():
             cutoff = ctx.now - allowed
-            stmt = select(Task.id, Task.last_activity_at, Task.status_changed_at, Task.first_seen_at).where(
+            quiet_since = func.coalesce(latest(ctx.session, Task.last_activity_at, Task.status_changed_at),
+                                        Task.first_seen_at)
+            stmt = select(Task.id, type_coerce(quiet_since, UTCDateTime())).where(
                 Task.status == status,
                 or_(Task.last_activity_at.is_(None), Task.last_activity_at < cutoff),
                 or_(Task.status_changed_at.is_(None), Task.status_changed_at < cutoff),
                 or_(Task.last_activity_at.is_not(None), Task.status_changed_at.is_not(None),
                     Task.first_seen_at < cutoff),
             )
-            for tid, activity, status_since, first_seen in ctx.session.execute(ctx.scoped(stmt, self.config)):
-                known = [t for t in (activity, status_since) if t is not None]
-                candidates[tid] = (status, max(known) if known else first_seen)
+            for tid, since in ctx.session.execute(ctx.scoped(stmt, self.config)):
+                candidates[tid] = (status, since)
         linked = self._linked_activity(ctx, set(candidates))
+        business = self.config.business_days
+        suffix = {s: f"; threshold {format_duration(a)}" for s, a in self.config.after.items()}
         verdicts = []
         for tid, (status, since) in candidates.items():
             since = max(since, linked.get(tid, since))
-            quiet_for = business_elapsed(since, ctx.now) if self.config.business_days else ctx.now - since
-            allowed = self.config.after[status]
-            if quiet_for <= allowed:
+            quiet_for = business_elapsed(since, ctx.now) if business else ctx.now - since
+            if quiet_for <= self.config.after[status]:
                 continue
-            label = status.replace("_", " ")
-            message = (f"{label} with no activity for {days_text(quiet_for, self.config.business_days)}; "
-                       f"threshold {format_duration(allowed)}")
+            message = f"{status.replace('_', ' ')} with no activity for {days_text(quiet_for, business)}{suffix[status]}"
             verdicts.append(Verdict(tid, message, {"status": status, "quiet_since": since.isoformat()}))
         return verdicts
 

@@ -31,3 +31,11 @@ def has_any_label(session: Session, labels: Sequence[str]) -> ColumnElement[bool
     fn = func.jsonb_array_elements_text if dialect_of(session) == "postgresql" else func.json_each
     elements = fn(Task.labels).table_valued("value").alias("label")
     return exists(select(1).select_from(elements).where(func.lower(column("value")).in_(wanted)))
+
+
+def latest(session: Session, *cols: Any) -> ColumnElement[Any]:
+    """The latest non-null of several timestamps (GREATEST on PostgreSQL, MAX(a, b) on SQLite)."""
+    if dialect_of(session) == "postgresql":
+        return func.greatest(*cols)  # ignores NULLs
+    first = func.coalesce(*cols)
+    return func.max(*(func.coalesce(c, first) for c in cols))
