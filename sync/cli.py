@@ -32,8 +32,9 @@ from store.models import TaskEvent
 from store.queries import TaskFilter, find_task, list_tasks, task_json
 from store.sync_state import all_states
 from sync.config import AppConfig, config_schema, load_config
-from sync.engine import SyncEngine, SyncResult, build_connector
+from sync.engine import SyncResult, build_connector
 from sync.logs import REDACT, setup_logging
+from sync.pipeline import CycleReport, Pipeline
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -255,12 +256,11 @@ def sync(
         if name not in config.connectors:
             raise ConfigError([_unknown_connector(config, name)])
     with opened(config) as store:
-        results = _run_sync(store, config, connector, full=full, dry_run=dry_run)
-        _print_results(results, dry_run=dry_run)
-        if not dry_run:
-            with store.transaction() as session:
-                outcomes = rules_engine(config).run(session)
-            err.print(_rules_summary(outcomes), markup=False)
+        report = _run_sync(store, config, connector, full=full, dry_run=dry_run)
+    _print_results(report.syncs, dry_run=dry_run)
+    if report.rules:
+        err.print(_rules_summary(report.rules), markup=False)
+    results = report.syncs
     if any(not r.ok for r in results):
         raise typer.Exit(EXIT_CONNECTOR_FAILED)
 
@@ -274,9 +274,9 @@ def _unknown_connector(config: AppConfig, name: str) -> Any:
 
 def _run_sync(
     store: Store, config: AppConfig, only: list[str] | None, *, full: bool, dry_run: bool
-) -> list[SyncResult]:
+) -> CycleReport:
     if not on_terminal():
-        return SyncEngine(store, config, connector_types()).run(only or None, full=full, dry_run=dry_run)
+        return Pipeline(store, config, connector_types()).sync(only or None, full=full, dry_run=dry_run)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err, transient=True) as progress:
         bar = progress.add_task("syncing", total=None)
@@ -285,7 +285,7 @@ def _run_sync(
             seen = result.upserts.inserted + result.upserts.updated + result.upserts.unchanged
             progress.update(bar, description=f"{name}: {result.pages} pages, {seen} tasks")
 
-        return SyncEngine(store, config, connector_types(), on_page=on_page).run(
+        return Pipeline(store, config, connector_types(), on_page=on_page).sync(
             only or None, full=full, dry_run=dry_run
         )
 
