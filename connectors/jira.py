@@ -351,7 +351,7 @@ def _block(node: Any) -> str:
     if kind == "table":
         rows = []
         for row in children:
-            cells = [_blocks(cell).replace("\n", " ") for cell in _children(row)]
+            cells = [_blocks(_children(cell)).replace("\n", " ") for cell in _children(row)]
             rows.append(" | ".join(cells))
         return "\n".join(rows)
     if kind in ("expand", "nestedExpand"):
@@ -392,16 +392,18 @@ def rich_text(value: Any) -> str:
 
 # -- acceptance criteria from a description section ------------------------------------------------
 
-_WIKI_HEADING = re.compile(r"^\s*(?:h[1-6]\.|#{1,6})\s+(?P<title>.*\S)\s*$")
+_WIKI_HEADING = re.compile(r"^\s*h[1-6]\.\s+(?P<title>.*\S)\s*$")
 _BOLD_LINE = re.compile(r"^\s*(?:\*\*(?P<a>[^*]+)\*\*|\*(?P<b>[^*]+)\*)\s*:?\s*$")
 
 
 def _title_of(text: str) -> str:
-    return re.sub(r"[\s:*_]+$", "", re.sub(r"^[\s*_]+", "", text)).strip().lower()
+    """A line as a section title: decoration (`*bold*`, `_`, a markdown `#`, a colon) removed."""
+    return re.sub(r"[\s:*_]+$", "", re.sub(r"^[\s*_#]+", "", text)).strip().lower()
 
 
 def _text_blocks(text: str) -> list[tuple[bool, str]]:
-    """Wiki/markdown lines as (is a heading, line); bold-only lines count as headings."""
+    """Wiki lines as (is a heading, line): `h1.`..`h6.` and bold-only lines are headings (a leading
+    `#` is a numbered list item in wiki markup, not a heading)."""
     out = []
     for line in text.splitlines():
         heading = _WIKI_HEADING.match(line)
@@ -756,18 +758,21 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         if self._jira is not None:
             return self._jira
         configured = self.config.deployment
-        wanted = configured if configured != "auto" else stored
-        if wanted == "server":
+        if configured == "server" or (configured == "auto" and stored == "server"):
             client, deployment = self.call(self._construct, version="2", handshake=False), "server"
-        elif wanted == "cloud":
-            client, deployment = self._from_v3(self.call(self._construct, version="3", handshake=True))
-            if deployment != "cloud" and configured == "cloud":
-                client.close()
+        elif configured == "cloud":
+            try:
+                client, deployment = self._from_v3(self.call(self._construct, version="3", handshake=True))
+            except _NotFound:
+                client, deployment = None, "server"
+            if client is None or deployment != "cloud":
+                if client is not None:
+                    client.close()
                 raise ConnectorError(
                     f'jira connector {self.name!r}: deployment = "cloud" but {self.config.url} does not '
                     f'report itself as Jira Cloud; set deployment = "server" or "auto"'
                 )
-        else:
+        else:  # auto, and nothing stored or Cloud stored: the v3 handshake Cloud needs anyway decides
             client, deployment = self._detect()
         self._jira, self.deployment = client, deployment
         return client
