@@ -1002,3 +1002,18 @@ def test_push_refuses_what_it_cannot_deliver(cloud: JiraStandin) -> None:
     with pytest.raises(PushError) as forbidden:
         conn.push(Action(key="d", kind="comment", text="hi", task_external_id="ENG-1"))
     assert forbidden.value.permanent and "403" in str(forbidden.value)
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+
+
+def test_demo_jira_source_syncs_the_team(tmp_path: Any) -> None:
+    from sync.demo import run_demo
+
+    rows = {t["external_id"]: t for t in run_demo(tmp_path / "demo.db") if t["kind"] == "jira"}
+
+    assert sorted(rows) == [f"MIG-{n}" for n in range(1, 8)]
+    assert (rows["MIG-1"]["owner"], rows["MIG-1"]["status"]) == ("bob", "in_progress")
+    assert (rows["MIG-2"]["status"], rows["MIG-2"]["raw_status"]) == ("blocked", "Blocked")
+    assert rows["MIG-3"]["owner"] is None and rows["MIG-7"]["status"] == "done"
+    assert rows["MIG-1"]["url"].endswith("/browse/MIG-1")
