@@ -472,7 +472,7 @@ def parse_stamp(value: Any) -> datetime | None:
     if not isinstance(value, str):
         raise PayloadError(f"expected a timestamp, got {value!r}")
     try:
-        parsed = datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z")
+        parsed = datetime.fromisoformat(value)  # Python 3.11 reads Jira's "+0000" offsets too
     except ValueError:
         try:
             parsed = dateparser.isoparse(value)
