@@ -21,9 +21,10 @@ ASC, key ASC`. Epoch milliseconds avoid the searching account's time zone; the b
 `updated` already committed, stepped back by `overlap` (default 2 minutes, Cloud search is
 eventually consistent) and floored to the minute, so a run of issues sharing an `updated` minute
 is always re-read as a whole and upserts drop the repeats. The cursor saved with each page is the
-newest `updated` of the pages committed so far, so it never moves past an issue not yet committed.
-If the listing shifts under the pager (an issue already listed is edited or deleted mid-run, which
-moves `startAt` offsets), the cursor is held back to where the shift could have started.
+newest `updated` of the pages committed so far, so it never moves past an issue not yet committed:
+an issue edited during the run (listed out of order) does not move it, and if the listing shifts
+under the pager (an issue already listed is edited or deleted mid-run, which moves `startAt`
+offsets), the cursor is held back to where the shift could have started.
 
 A listing with no time bound (the first run, a changed JQL, or `--full`) is complete: its last
 page vouches for every project it saw or that earlier listings saw, and the engine marks the
@@ -586,7 +587,7 @@ def issue_to_record(raw: Mapping[str, Any], config: JiraConfig, *, cloud: bool) 
         priority_name.lower(), Priority.NONE
     )
     assignee = identity(fields.get("assignee"), cloud=cloud)
-    labels = fields.get("labels") or ()
+    labels = fields.get("labels") if isinstance(fields.get("labels"), list) else ()
     issuetype = fields.get("issuetype")
     resolution = fields.get("resolution")
     closed = status in (Status.DONE, Status.CANCELLED)
@@ -608,7 +609,7 @@ def issue_to_record(raw: Mapping[str, Any], config: JiraConfig, *, cloud: bool) 
         reporter=identity(fields.get("reporter"), cloud=cloud),
         due=_due(fields.get("duedate")),
         priority=priority,
-        labels=tuple(str(label) for label in labels),
+        labels=tuple(str(label) for label in labels if label),
         acceptance_criteria=acceptance_criteria(fields, config.acceptance_field, config.acceptance_heading),
         created_at=parse_stamp(fields.get("created")),
         updated_at=parse_stamp(fields.get("updated")),
@@ -669,15 +670,18 @@ def comment_text(body: Any) -> str:
 class _Listing:
     """Bookkeeping of one paged listing: the cursor value that is safe to save after each page.
 
-    The value is the newest `updated` listed so far, except after a sign that the listing shifted
-    under the pager (an issue listed twice: it changed after its first listing; or Server's total
-    shrinking: one left). Such a shift can make an offset skip the issue at a page edge, so the
-    value is held at what was saved before the shift could have happened; the next run re-reads
-    from there and upserts absorb the repeats.
+    The value is the newest `updated` listed so far among issues last changed before the run
+    began: an issue edited during the run can be listed out of order (ahead of issues not yet
+    committed), so it never moves the cursor; the next run reads it again. After a sign that the
+    listing shifted under the pager (an issue listed twice: it changed after its first listing;
+    or Server's total shrinking: one left), an offset may have skipped the issue at a page edge,
+    so the value is held at what was saved before the shift could have happened. Either way the
+    next run re-reads from there and upserts absorb the repeats.
     """
 
-    def __init__(self, mark: int | None) -> None:
-        self.mark = mark  # newest `updated` listed (epoch ms)
+    def __init__(self, mark: int | None, began_ms: int) -> None:
+        self.mark = mark  # newest `updated` listed (epoch ms) that is safe to resume from
+        self.began_ms = began_ms
         self.hold: int | None = None
         self.saved: list[int | None] = []  # the value saved after each page
         self.first_page: dict[str, int] = {}
@@ -695,7 +699,7 @@ class _Listing:
             first = self.first_page.setdefault(key, page)
             if first < page:
                 self._hold(self.saved[first])
-        if updated_ms is not None:
+        if updated_ms is not None and updated_ms <= self.began_ms:
             self.mark = updated_ms if self.mark is None else max(self.mark, updated_ms)
 
     def shifted(self) -> None:
@@ -883,7 +887,7 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         if usable and not state.full and prior is not None and prior.updated_ms is not None:
             since = floor_minute(prior.updated_ms - int(self.config.overlap.total_seconds() * 1000))
         known = set(prior.projects) if prior is not None else set()
-        listing = _Listing(mark=prior.updated_ms if usable and prior is not None else None)
+        listing = _Listing(prior.updated_ms if usable and prior is not None else None, to_ms(self.now()))
         jql = search_jql(self.config.jql, since)
         for issues, last in self._search(client, deployment, jql, listing):
             records = []

@@ -114,9 +114,10 @@ def sync(
     *,
     full: bool = False,
     on_page: Callable[..., None] | None = None,
+    clock: Callable[[], datetime] | None = None,
     **overrides: Any,
 ) -> SyncResult:
-    engine = SyncEngine(store, app_config(s, store.url, **overrides), TYPES, on_page=on_page)
+    engine = SyncEngine(store, app_config(s, store.url, **overrides), TYPES, on_page=on_page, clock=clock)
     return engine.sync_one(NAME, full=full)
 
 
@@ -764,6 +765,32 @@ def test_an_edit_during_offset_paging_never_loses_an_issue(server: JiraStandin, 
     assert second.ok and second.upserts.inserted == 1
     assert len(tasks(store)) == 25 and tasks(store)["ENG-3"].title == "edited mid-sync"
     store.close()
+
+
+def test_an_issue_edited_mid_run_never_carries_the_cursor_past_uncommitted_ones(
+    cloud: JiraStandin, tmp_path: Any
+) -> None:
+    seed(cloud, 25)
+    store = Store(f"sqlite:///{tmp_path / 'mid.db'}")
+    began = T0 + timedelta(days=1)  # the stand-in's clock and the engine's agree
+
+    def edit_then_die(name: str, result: SyncResult) -> None:
+        if result.pages == 1:  # ENG-15 is edited a minute later, before the page that lists it
+            cloud.set_now(began + timedelta(minutes=1))
+            cloud.update_issue("ENG-15", summary="edited mid-sync")
+        elif result.pages == 2:
+            raise Crash("killed after the page that listed ENG-15")
+
+    crashed = sync(cloud, store, page_size=10, on_page=edit_then_die, clock=lambda: began)
+    assert not crashed.ok and tasks(store)["ENG-15"].title == "edited mid-sync"  # listed, out of order
+    with store.transaction() as session:
+        from store.sync_state import load_state
+
+        assert load_state(session, NAME).cursor["updated_ms"] == to_ms(T0 + timedelta(minutes=19))
+
+    resumed = sync(cloud, store, page_size=10, clock=lambda: began + timedelta(minutes=2))
+    assert resumed.ok and resumed.upserts.inserted == 5
+    assert len(tasks(store)) == 25
 
 
 # -- end to end: time zones, links, deletions ----------------------------------------------------------
