@@ -704,27 +704,31 @@ def test_configured_deployment_that_does_not_match_the_site_is_a_clear_error(ser
 # -- end to end: the minute-precision boundary ---------------------------------------------------------
 
 
-def same_minute(s: JiraStandin, count: int) -> None:
-    for n in range(1, count + 1):  # 30 issues inside 10:30-10:31 New York time, one second apart
-        s.add_issue(f"ENG-{n}", summary=f"Task {n}", updated=T0 + timedelta(seconds=n))
+def same_minute(s: JiraStandin, count: int, spacing: int) -> None:
+    """`count` issues inside 10:30-10:31 New York time, `spacing` seconds apart (0: one stamp)."""
+    for n in range(1, count + 1):
+        s.add_issue(f"ENG-{n}", summary=f"Task {n}", updated=T0 + timedelta(seconds=n * spacing))
 
 
-def test_a_page_edge_inside_one_minute_neither_skips_nor_doubles(standin: JiraStandin) -> None:
-    same_minute(standin, 30)
+@pytest.mark.parametrize("spacing", [1, 0], ids=["seconds-apart", "one-stamp"])
+def test_a_page_edge_inside_one_minute_neither_skips_nor_doubles(standin: JiraStandin, spacing: int) -> None:
+    same_minute(standin, 30, spacing)
 
     pages = list(connector(standin, page_size=20).pull(SyncState()))
 
     keys = [t.external_id for p in pages for t in p.tasks]
     assert [len(p.tasks) for p in pages] == [20, 10]
     assert sorted(keys) == sorted(f"ENG-{n}" for n in range(1, 31)) and len(keys) == len(set(keys))
-    assert pages[0].cursor is not None and pages[0].cursor.updated_ms == to_ms(T0 + timedelta(seconds=20))
+    first = pages[0].cursor
+    assert first is not None and first.updated_ms == to_ms(T0 + timedelta(seconds=20 * spacing))
     assert list(pages[0].completed_scopes) == [] and list(pages[1].completed_scopes) == ["ENG"]
 
 
+@pytest.mark.parametrize("spacing", [1, 0], ids=["seconds-apart", "one-stamp"])
 def test_a_crash_at_a_page_edge_inside_one_minute_resumes_without_gap(
-    standin: JiraStandin, db_url: str
+    standin: JiraStandin, db_url: str, spacing: int
 ) -> None:
-    same_minute(standin, 30)
+    same_minute(standin, 30, spacing)
     store = Store(db_url)
 
     crashed = sync(standin, store, page_size=20, on_page=crash_after(1))
@@ -734,7 +738,7 @@ def test_a_crash_at_a_page_edge_inside_one_minute_resumes_without_gap(
     standin.reset_log()
     resumed = sync(standin, store, page_size=20)
     assert resumed.ok, resumed.error
-    resumed_from = floor_minute(to_ms(T0 + timedelta(seconds=20)) - 120_000)
+    resumed_from = floor_minute(to_ms(T0 + timedelta(seconds=20 * spacing)) - 120_000)
     assert f"updated >= {resumed_from} " in searches(standin)[0].query["jql"][0]
     assert (resumed.upserts.inserted, resumed.upserts.updated, resumed.upserts.unchanged) == (10, 0, 20)
     stored = tasks(store)
