@@ -653,6 +653,17 @@ def test_server_pages_with_start_at_and_counts_requests(server: JiraStandin, tmp
     assert cold.requests.requests == 4
 
     server.reset_log()
+    server.update_issue("ENG-4", assignee="acc-ann", updated=T0 + timedelta(days=1))
+    incremental = sync(server, store, page_size=10)
+    assert (incremental.upserts.inserted, incremental.upserts.updated) == (0, 1)
+    bound = floor_minute(to_ms(T0 + timedelta(minutes=24)) - 120_000)
+    assert [r.query["jql"] for r in searches(server)] == [
+        [f"(project = ENG) AND updated >= {bound} ORDER BY updated ASC, key ASC"]
+    ]
+    assert incremental.requests.requests == len(server.requests()) == 2
+    assert tasks(store)["ENG-4"].owner_id is not None
+
+    server.reset_log()
     idle = sync(server, store)  # default page size: the Server maximum
     assert (idle.upserts.inserted, idle.upserts.updated) == (0, 0)
     assert paths(server) == ["/rest/api/2/field", "/rest/api/2/search"]
