@@ -214,7 +214,9 @@ class MappingRules:
 _OWNER = r"[A-Za-z0-9][A-Za-z0-9-]*"
 _NAME = r"[A-Za-z0-9._-]+"
 # One reference: a full issue/PR URL, "owner/repo#N" or "#N" (not glued to a word before it).
-_REF_PLAIN = rf"(?:https?://[^/\s]+/{_OWNER}/{_NAME}/(?:issues|pull)/\d+|(?<![\w.-])(?:{_OWNER}/{_NAME})?#\d+\b)"
+_REF_PLAIN = (
+    rf"(?:https?://[^/\s]+/{_OWNER}/{_NAME}/(?:issues|pull)/\d+|(?<![\w.-])(?:{_OWNER}/{_NAME})?#\d+\b)"
+)
 _REF = re.compile(
     rf"https?://[^/\s]+/(?P<uowner>{_OWNER})/(?P<urepo>{_NAME})/(?:issues|pull)/(?P<unum>\d+)"
     rf"|(?<![\w.-])(?:(?P<owner>{_OWNER})/(?P<repo>{_NAME}))?#(?P<num>\d+)\b"
@@ -252,7 +254,7 @@ def format_since(value: datetime) -> str:
 
 
 def repo_of(payload: Mapping[str, Any]) -> str:
-    """"owner/name" (lower case) of an issue payload, from its `repository_url` or `html_url`."""
+    """ "owner/name" (lower case) of an issue payload, from its `repository_url` or `html_url`."""
     url = payload.get("repository_url") or ""
     match = re.search(r"/repos/([^/]+)/([^/]+)/?$", url)
     if match is None:
@@ -489,7 +491,7 @@ def pull_request_activities(
 
 
 def parse_external_id(external_id: str) -> tuple[str, int]:
-    """"owner/repo#N" -> ("owner/repo", N); raises ValueError otherwise."""
+    """ "owner/repo#N" -> ("owner/repo", N); raises ValueError otherwise."""
     match = re.fullmatch(rf"({_OWNER}/{_NAME})#(\d+)", external_id.strip())
     if match is None:
         raise ValueError(f'expected "owner/repo#N", got {external_id!r}')
@@ -580,8 +582,15 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         """Everything that shapes a record; when it changes, the next pull re-reads every repo once."""
         r = self.rules
         payload = json.dumps(
-            [MAPPING_VERSION, r.priority_labels, r.status_labels, list(r.verified_labels), sorted(r.bots),
-             r.max_body_bytes, self.config.include_pull_requests],
+            [
+                MAPPING_VERSION,
+                r.priority_labels,
+                r.status_labels,
+                list(r.verified_labels),
+                sorted(r.bots),
+                r.max_body_bytes,
+                self.config.include_pull_requests,
+            ],
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -623,7 +632,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             return RateLimited(f"GitHub rate limit exhausted ({text})", reset_at=reset, retry_after=wait)
         secondary = isinstance(exc, RateLimitExceededException) or (status == 403 and retry_after is not None)
         if status == 429 or secondary:
-            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=retry_after or 60.0)
+            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=60.0 if retry_after is None else retry_after)
         if status == 403:
             return AuthError(
                 f"GitHub denied connector {self.name!r} access ({text}); "
@@ -742,14 +751,19 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             if page is not None:
                 yield page
         repos = _unique(repos)
-        stale = {k: "" for k in validators if k.startswith("issues:") and k[len("issues:"):] not in repos}
+        stale = {k: "" for k in validators if k.startswith("issues:") and k[len("issues:") :] not in repos}
 
         for repo in repos:
             try:
                 for page in self._crawl(repo, state, work, validators, repos):
                     if stale:
-                        page = Page(page.tasks, page.cursor, {**stale, **page.validators}, page.activities,
-                                    page.completed_scopes)
+                        page = Page(
+                            page.tasks,
+                            page.cursor,
+                            {**stale, **page.validators},
+                            page.activities,
+                            page.completed_scopes,
+                        )
                         stale = {}
                     yield page
             except (RateLimited, AuthError):
@@ -778,8 +792,12 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         etag = validators.get(key) if cached is not None and not state.full else None
         kinds: list[Literal["orgs", "users"]] = [cached.kind] if cached else ["orgs", "users"]
         for kind in kinds:
-            params = {"per_page": PER_PAGE, "type": "all" if kind == "orgs" else "owner",
-                      "sort": "created", "direction": "desc"}
+            params = {
+                "per_page": PER_PAGE,
+                "type": "all" if kind == "orgs" else "owner",
+                "sort": "created",
+                "direction": "desc",
+            }
             try:
                 first = self._read(f"/{kind}/{owner}/repos", params, etag)
             except PayloadError as exc:
