@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -387,6 +389,16 @@ def test_config_errors_name_the_key(over: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(section(**over))
     assert message in str(info.value)
+
+
+def test_example_config_shows_every_key() -> None:
+    root = Path(__file__).resolve().parent.parent
+    example = tomllib.loads((root / "config.example.toml").read_text())["connectors"]["gh"]
+    assert set(GithubConfig.model_fields) == set(example)
+    assert example["token"] == "${GITHUB_TOKEN}"
+    shown = load(example).connectors["gh"]
+    defaults = load(section(repos=["acme/api", "acme/web"], bots=["renovate-bot"])).connectors["gh"]
+    assert shown == defaults  # the example shows the defaults
 
 
 # -- the stand-in world ----------------------------------------------------------------------
