@@ -64,6 +64,7 @@ from store.canonical import (
 from store.durations import Duration
 
 PER_PAGE = 100  # GitHub's maximum
+MAX_PAGES = 100  # a listing that never ends is a bug somewhere, not a reason to spin
 MAPPING_VERSION = 1  # bump when the mapping changes, so stored tasks are re-read once
 GHOST = "ghost"  # GitHub's stand-in login for deleted accounts
 MARKER = "<!-- trackloop:{key} -->"
@@ -504,8 +505,13 @@ def marker_for(key: str) -> str:
     return MARKER.format(key=safe or "sha256-" + hashlib.sha256(key.encode()).hexdigest())
 
 
-def _has_next(link_header: str | None) -> bool:
-    return bool(link_header) and re.search(r'rel="next"', link_header or "") is not None
+def next_link(link_header: str | None) -> str | None:
+    """The `rel="next"` URL of a `Link` header, as GitHub writes it."""
+    for part in (link_header or "").split(","):
+        match = re.match(r'\s*<([^>]+)>\s*;\s*rel="next"', part)
+        if match:
+            return match.group(1)
+    return None
 
 
 # -- the connector ----------------------------------------------------------------------------
@@ -520,8 +526,8 @@ class _Answer:
         return self.headers.get("etag", "")
 
     @property
-    def has_next(self) -> bool:
-        return _has_next(self.headers.get("link"))
+    def next_url(self) -> str | None:
+        return next_link(self.headers.get("link"))
 
 
 @dataclass(slots=True)
@@ -632,7 +638,10 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             return RateLimited(f"GitHub rate limit exhausted ({text})", reset_at=reset, retry_after=wait)
         secondary = isinstance(exc, RateLimitExceededException) or (status == 403 and retry_after is not None)
         if status == 429 or secondary:
-            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=60.0 if retry_after is None else retry_after)
+            wait = 60.0 if retry_after is None else retry_after  # GitHub: wait at least a minute
+            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=wait)
+        if status == 403 and "locked" in message.lower():
+            return PayloadError(f"GitHub answered {text}")  # a locked issue takes no comments
         if status == 403:
             return AuthError(
                 f"GitHub denied connector {self.name!r} access ({text}); "
@@ -739,7 +748,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 repos.append(pattern)
                 continue
             try:
-                listed, page = self._owner_repos(owner, state, work, validators, repos)
+                listed, page = self._owner_repos(owner, state, work, validators)
             except (RateLimited, AuthError):
                 raise
             except ConnectorError as exc:
@@ -751,6 +760,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             if page is not None:
                 yield page
         repos = _unique(repos)
+        wildcards = sum(p.endswith("/*") for p in self.config.repos)
         stale = {k: "" for k in validators if k.startswith("issues:") and k[len("issues:") :] not in repos}
 
         for repo in repos:
@@ -773,7 +783,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 self.log.warning("%s: %s failed, other repositories continue: %s", self.name, repo, exc)
         if failures:
             raise ConnectorError(
-                f"{len(failures)} of {len(repos) or len(self.config.repos)} GitHub listing(s) failed: "
+                f"{len(failures)} of {len(repos) + wildcards} GitHub listing(s) failed: "
                 + "; ".join(failures[:5])
                 + (" ..." if len(failures) > 5 else "")
             )
@@ -784,7 +794,6 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         state: SyncState[GithubCursor],
         work: _Work,
         validators: Mapping[str, str],
-        current: list[str],
     ) -> tuple[list[str], Page[GithubCursor] | None]:
         """Repositories of `owner`, from its listing (one 304 when unchanged) or the cached result."""
         key = f"repos:{owner}"
@@ -807,10 +816,11 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             if first.status == 304 and cached is not None:
                 return list(cached.repos), None
             items: list[Any] = list(first.data or [])
-            answer, page_no = first, 1
-            while answer.has_next:
-                page_no += 1
-                answer = self._read(f"/{kind}/{owner}/repos", {**params, "page": page_no})
+            answer = first
+            for _ in range(MAX_PAGES):  # follow Link: it survives a redirect that drops our query
+                if answer.next_url is None:
+                    break
+                answer = self._read(answer.next_url)
                 items.extend(answer.data or [])
             names = []
             for item in items:
@@ -822,7 +832,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 names.append(item["full_name"].lower())
             names.sort()
             work.owners[owner] = OwnerListing(kind=kind, repos=names)
-            page = Page(cursor=work.snapshot(_unique([*current, *names])), validators={key: first.etag})
+            # no pruning yet: repositories of later patterns keep their cursors
+            page = Page(cursor=work.snapshot(_unique([*work.repos, *names])), validators={key: first.etag})
             return names, page
         raise PayloadError(f"{owner} is neither an organization nor a user GitHub knows (404)")
 
@@ -864,7 +875,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             tasks, found, oldest = self._map_page(repo, answer.data)
             activities.extend(found)
             reached = threshold is not None and oldest is not None and oldest < threshold
-            if answer.has_next and not reached:
+            if answer.next_url is not None and not reached:
                 progress = CrawlProgress(started=started, page=page_no + 1, etag=head_etag)
                 work.repos[repo] = RepoCursor(since=rc.since, crawl=progress)
                 yield Page(tasks=tasks, cursor=work.snapshot(current), activities=found)
@@ -946,19 +957,16 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         """The id of trackloop's own earlier comment carrying `marker`, among the recent comments."""
         since = format_since(self.now() - self.config.comment_lookback)
         path = f"/repos/{repo}/issues/{number}/comments"
-        page_no = 1
-        while True:
-            params: dict[str, Any] = {"since": since, "per_page": PER_PAGE}
-            if page_no > 1:
-                params["page"] = page_no
-            answer = self._read(path, params)
-            for comment in answer.data or ():
+        answer = self._read(path, {"since": since, "per_page": PER_PAGE})
+        for _ in range(MAX_PAGES):
+            for comment in answer.data if isinstance(answer.data, list) else ():
                 if isinstance(comment, Mapping) and marker in (comment.get("body") or ""):
                     if self._is_own(comment):
                         return str(comment.get("id"))
-            if not answer.has_next:
+            if answer.next_url is None:
                 return None
-            page_no += 1
+            answer = self._read(answer.next_url)  # Link, not page numbers: a 301 drops the query
+        raise PayloadError(f"{repo}#{number}: over {MAX_PAGES * PER_PAGE} recent comments; not posting blind")
 
     def _is_own(self, comment: Mapping[str, Any]) -> bool:
         """Whether the token's account wrote `comment` (`GET /user` once per connector, only when needed)."""

@@ -1096,13 +1096,31 @@ def test_push_refuses_what_it_cannot_deliver(lite: Env) -> None:
     assert info.value.permanent
 
 
-def test_push_to_a_transferred_issue_follows_it(lite: Env) -> None:
+def test_push_to_a_transferred_issue_follows_it_and_pages_by_link(lite: Env) -> None:
     lite.seed("acme/api", 1)
+    for i in range(45):
+        lite.gh.add_comment("acme/api", 1, f"comment {i}", user="bob")
     lite.gh.transfer_issue("acme/api", 1, "acme/web")
     result = lite.connector().push(comment("moved"))
     assert not result.already_delivered
-    assert [c["body"].endswith("<!-- trackloop:moved -->") for c in lite.gh.comments("acme/web", 1)] == [True]
-    assert lite.connector().push(comment("moved")).already_delivered
+    assert lite.gh.comments("acme/web", 1)[-1]["body"].endswith("<!-- trackloop:moved -->")
+    lite.gh.reset_log()
+    again = lite.connector().push(comment("moved"))
+    assert again.already_delivered and again.remote_id == result.remote_id
+    # PyGithub follows the 301 but drops the query (30 per page): the scan pages by Link, not numbers
+    assert [r.query.get("page") for r in lite.log("GET", "/comments$")] == [None, None, ["2"]]
+    assert len(lite.gh.comments("acme/web", 1)) == 46
+
+
+@responses.activate
+def test_a_locked_issue_is_a_permanent_push_failure() -> None:
+    comments = re.compile(r"https://api\.github\.com(:443)?/repos/acme/api/issues/9/comments.*")
+    responses.get(comments, json=[])
+    locked = {"message": "Unable to create comment because issue is locked."}
+    responses.post(comments, status=403, json=locked)
+    with pytest.raises(PushError, match="acme/api#9: GitHub answered 403 Unable to create comment") as info:
+        offline().push(comment("k", target="acme/api#9"))
+    assert info.value.permanent and len(responses.calls) == 2
 
 
 def test_nothing_logged_or_raised_contains_the_token(lite: Env, caplog: pytest.LogCaptureFixture) -> None:
