@@ -22,16 +22,16 @@ from store.db import Store
 from store.errors import TrackloopError
 from store.queries import TaskFilter, list_tasks, task_json
 from sync.config import AppConfig, parse_config
-from sync.demo import jira, sheet, slack
+from sync.demo import github, jira, sheet, slack
 
 PEOPLE: dict[str, dict[str, Any]] = {
-    "alice": {"name": "Alice Kim", "email": "alice@example.com", "lead": True},
-    "bob": {"name": "Bob Otieno", "email": "bob@example.com"},
-    "carol": {"name": "Carol Diaz", "email": "carol@example.com"},
-    "dan": {"name": "Dan Weber", "email": "dan@example.com"},
+    "alice": {"name": "Alice Kim", "email": "alice@example.com", "github": "alice-kim", "lead": True},
+    "bob": {"name": "Bob Otieno", "email": "bob@example.com", "github": "bob-otieno"},
+    "carol": {"name": "Carol Diaz", "email": "carol@example.com", "github": "carol-diaz"},
+    "dan": {"name": "Dan Weber", "email": "dan@example.com", "github": "dan-weber"},
 }
 
-SOURCES = [sheet, jira, slack]
+SOURCES = [sheet, github, jira, slack]
 
 
 def demo_config(db_path: Path, connectors: dict[str, dict[str, Any]]) -> AppConfig:
