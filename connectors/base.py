@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 from tenacity.stop import stop_base
 
@@ -47,12 +47,21 @@ class ConnectorConfig(BaseModel):
 
     type: str = Field(description="Connector type: github, jira, slack, imap, csv, or a plugin's type.")
     enabled: bool = Field(True, description="Disabled connectors are skipped by sync and the daemon.")
-    interval: Duration = Field(timedelta(minutes=5), description='How often the daemon syncs it, e.g. "5m".')
+    interval: Duration = Field(
+        timedelta(minutes=5), description='How often the daemon syncs it, e.g. "5m" (at least "1s").'
+    )
     bots: list[str] = Field(
         default_factory=list,
         description="Account names or ids in this source whose changes never count as human activity.",
     )
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Back-off for transient faults.")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_at_least_a_second(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError(f'must be at least "1s", got {value.total_seconds():g}s')
+        return value
 
 
 ConfigT = TypeVar("ConfigT", bound=ConnectorConfig)

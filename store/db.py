@@ -42,12 +42,22 @@ def _create_private_file(path: Path) -> None:
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # The driver's own transaction handling starts a transaction only before a write, which
+    # makes a SAVEPOINT opened first in a transaction commit on release; SQLAlchemy begins
+    # transactions itself instead (see _on_sqlite_begin).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps committed data safe across a crash
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+def _on_sqlite_begin(conn: Any) -> None:
+    # IMMEDIATE takes the write lock up front (waiting up to busy_timeout for another writer),
+    # so threads that read then write never fail on a snapshot another thread has just made stale.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def redact_url(url: str) -> str:
@@ -69,6 +79,7 @@ def make_engine(url: str) -> Engine:
             _create_private_file(path)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)

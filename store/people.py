@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.canonical import IdentityKind, IdentityRef
@@ -101,7 +102,7 @@ class IdentityResolver:
         if person_id is None and ref.email:
             person_id = self._lookup(session, IdentityKind.EMAIL, normalize(IdentityKind.EMAIL, ref.email))
             if person_id is not None:  # matched by email: remember the tool identity too
-                session.add(Identity(person_id=person_id, kind=key[0], value=key[1]))
+                person_id = self._add_identity(session, person_id, key)
         if person_id is None:
             person_id = self._create(session, ref, key)
         self._pending[key] = person_id
@@ -113,16 +114,45 @@ class IdentityResolver:
             return session.scalar(select(Person.id).where(Person.key == value))
         return session.scalar(select(Identity.person_id).where(Identity.kind == kind, Identity.value == value))
 
-    @staticmethod
-    def _create(session: Session, ref: IdentityRef, key: tuple[str, str]) -> int:
+    @classmethod
+    def _add_identity(cls, session: Session, person_id: int, key: tuple[str, str]) -> int:
+        """Attach identity `key` to a person; if another replica attached it meanwhile, use theirs."""
+        try:
+            with session.begin_nested():
+                session.add(Identity(person_id=person_id, kind=key[0], value=key[1]))
+                session.flush()
+        except IntegrityError:
+            found = cls._lookup(session, *key)
+            if found is None:
+                raise
+            return found
+        return person_id
+
+    @classmethod
+    def _create(cls, session: Session, ref: IdentityRef, key: tuple[str, str]) -> int:
+        """A person for an identity nobody configured.
+
+        Replicas syncing different sources can meet the same stranger at the same moment: the
+        insert runs in a savepoint, and the loser of that race picks up the winner's person.
+        """
         person_key = key[1] if ref.kind == IdentityKind.PERSON else f"{key[0]}:{key[1]}"
-        person = Person(key=person_key, name=ref.display_name)
-        session.add(person)
-        session.flush()
-        if ref.kind != IdentityKind.PERSON:
-            session.add(Identity(person_id=person.id, kind=key[0], value=key[1]))
-            if ref.email:
-                email = normalize(IdentityKind.EMAIL, ref.email)
-                if session.scalar(select(Identity.id).where(Identity.kind == "email", Identity.value == email)) is None:
-                    session.add(Identity(person_id=person.id, kind="email", value=email))
+        try:
+            with session.begin_nested():
+                person = Person(key=person_key, name=ref.display_name)
+                session.add(person)
+                session.flush()
+                if ref.kind != IdentityKind.PERSON:
+                    session.add(Identity(person_id=person.id, kind=key[0], value=key[1]))
+                    session.flush()
+        except IntegrityError:
+            found = cls._lookup(session, *key)
+            if found is None:
+                found = session.scalar(select(Person.id).where(Person.key == person_key))
+            if found is None:
+                raise
+            return found
+        if ref.kind != IdentityKind.PERSON and ref.email:
+            email = normalize(IdentityKind.EMAIL, ref.email)
+            if cls._lookup(session, IdentityKind.EMAIL, email) is None:
+                cls._add_identity(session, person.id, (IdentityKind.EMAIL.value, email))
         return person.id

@@ -12,15 +12,17 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
 from rules.base import Rule, RuleConfig
 from rules.registry import rule_types as rule_types_of
 from store.canonical import IdentityKind
+from store.durations import Duration
 from store.errors import ConfigError, ConfigProblem
 from store.people import PersonSpec
 
@@ -34,6 +36,69 @@ class StoreConfig(BaseModel):
         "sqlite:///trackloop.db",
         description="SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://USER@HOST/DB.",
     )
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """ "HOST:PORT" (an IPv6 host in brackets) -> (host, port); raise ValueError otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected "HOST:PORT" such as "127.0.0.1:9464", got {value!r}')
+    return host, int(port)
+
+
+class WebhooksConfig(BaseModel):
+    """Secrets of the webhook endpoints; an endpoint without its secret answers 404."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    github_secret: SecretStr | None = Field(
+        None,
+        description='Secret of the GitHub webhook (checks X-Hub-Signature-256), e.g. "${GH_HOOK_SECRET}".',
+    )
+    jira_secret: SecretStr | None = Field(
+        None, description="Shared secret of the Jira webhook: its HMAC signature, or `?secret=` in the URL."
+    )
+    slack_signing_secret: SecretStr | None = Field(
+        None, description="The Slack app's signing secret (checks X-Slack-Signature) for the Events API."
+    )
+
+
+class DaemonConfig(BaseModel):
+    """How `trackloop run` behaves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    http: str = Field(
+        "",
+        description='Serve /healthz, /metrics and webhooks on "HOST:PORT" ("" = none; --http overrides).',
+    )
+    workers: int = Field(4, ge=1, le=64, description="Connectors this replica syncs at the same time.")
+    lease: Duration = Field(
+        timedelta(seconds=60),
+        description="How long a claim on a connector lasts unless renewed; then another replica takes over.",
+    )
+    max_backoff: Duration = Field(
+        timedelta(minutes=15),
+        description="Longest pause after repeated failures of a connector (the pause doubles per failure).",
+    )
+    rules_interval: Duration = Field(
+        timedelta(minutes=5),
+        description="Rules run after every sync that changed something, and at least this often.",
+    )
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig, description="Webhook secrets.")
+
+    @field_validator("http")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            parse_address(value)
+        return value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=2):
+            raise ValueError(f'must be at least "2s", got {value.total_seconds():g}s')
+        return value
 
 
 class PersonConfig(BaseModel):
@@ -78,6 +143,7 @@ class TopLevel(BaseModel):
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Rule settings by rule id.")
     notify: dict[str, Any] = Field(default_factory=dict, description="Push-back policy.")
     digests: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Lead digests by name.")
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="`trackloop run`: HTTP, webhooks.")
 
 
 class AppConfig(BaseModel):
@@ -91,6 +157,7 @@ class AppConfig(BaseModel):
     rules: dict[str, RuleConfig] = Field(default_factory=dict)
     notify: dict[str, Any] = Field(default_factory=dict)
     digests: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     def secrets(self) -> list[str]:
         """Every secret value in the config, for the log redactor."""
@@ -258,6 +325,7 @@ def parse_config(
         rules=rules,
         notify=top.notify,
         digests=top.digests,
+        daemon=top.daemon,
     )
 
 

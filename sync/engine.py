@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,14 @@ from store.canonical import Page, SyncState
 from store.db import Store
 from store.errors import TrackloopError
 from store.people import IdentityResolver, sync_people
-from store.sync_state import load_state, record_attempt, record_failure, record_success, save_progress
+from store.sync_state import (
+    LeaseLost,
+    load_state,
+    record_attempt,
+    record_failure,
+    record_success,
+    save_progress,
+)
 from store.tasks import TaskWriter, UpsertStats
 from sync.config import AppConfig
 
@@ -79,6 +86,20 @@ class _DryRun(Exception):
     """Raised inside the dry-run transaction so that nothing is committed."""
 
 
+class SyncControl(Protocol):
+    """How the daemon steers a sync it runs under a lease."""
+
+    def check(self, session: Session, connector: str) -> None:
+        """Inside every write transaction, before commit: raise `LeaseLost` if the lease is gone."""
+
+    def stop_requested(self) -> bool:
+        """Asked after each committed page: True ends the pull there (shutdown, lost lease)."""
+
+
+class _Interrupted(Exception):
+    """The control asked to stop between pages; the saved cursor resumes the pull."""
+
+
 class SyncEngine:
     """Runs connectors against a store."""
 
@@ -111,17 +132,26 @@ class SyncEngine:
                 self.apply_people(session)
         return [self.sync_one(name, full=full, dry_run=dry_run) for name in names]
 
-    def sync_one(self, name: str, *, full: bool = False, dry_run: bool = False) -> SyncResult:
+    def sync_one(
+        self, name: str, *, full: bool = False, dry_run: bool = False, control: SyncControl | None = None
+    ) -> SyncResult:
+        """Pull one connector. Under a `control` (the daemon's lease), a lost lease or a stop
+        request ends the pull after the last committed page and records no outcome."""
         kind = self.config.connectors[name].type
         result = SyncResult(connector=name, kind=kind)
         started = time.monotonic()
         connector = self.build(name)
         result.requests = connector.stats
+        record = not dry_run
         try:
             if dry_run:
                 self._dry_run(connector, result, full)
             else:
-                self._pull(connector, result, full)
+                self._pull(connector, result, full, control)
+        except _Interrupted:
+            result.note, record = "interrupted; resumes from the saved cursor", False
+        except LeaseLost as exc:
+            result.ok, result.error, record = False, str(exc), False
         except RateLimited as exc:
             result.note = f"stopped early: {exc}; resuming next run"
             log.warning("%s: %s", name, result.note)
@@ -133,13 +163,18 @@ class SyncEngine:
         finally:
             connector.close()
         result.seconds = time.monotonic() - started
-        if not dry_run:
-            self._record(result)
+        if record:
+            try:
+                self._record(result, control)
+            except LeaseLost as exc:
+                result.ok, result.error = False, str(exc)
         log.info(
             "sync %s: %s, %d pages, %d new, %d changed, %d unchanged, %d requests in %.2fs%s",
             name, "ok" if result.ok else "FAILED", result.pages, result.upserts.inserted, result.upserts.updated,
             result.upserts.unchanged, result.requests.requests, result.seconds,
-            f" ({result.error})" if result.error else "",
+            f" ({result.error or result.note})" if result.error or result.note else "",
+            extra={"fields": {"event": "sync", "connector": name, "type": kind, "ok": result.ok,
+                              "error": result.error, **result.stats()}},
         )
         return result
 
@@ -149,11 +184,15 @@ class SyncEngine:
             return SyncState(full=full)
         return SyncState(cursor=connector.load_cursor(row.cursor), validators=dict(row.validators or {}), full=full)
 
-    def _pull(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
+    def _pull(
+        self, connector: Connector, result: SyncResult, full: bool, control: SyncControl | None  # type: ignore[type-arg]
+    ) -> None:
         with self.store.transaction() as session:
+            if control is not None:
+                control.check(session, connector.name)
             state = self._state(session, connector, full)
             record_attempt(session, connector.name, connector.kind, self.clock())
-        self._consume(connector, state, result, transaction=self.store.transaction)
+        self._consume(connector, state, result, transaction=self.store.transaction, control=control)
 
     def _dry_run(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
         """Everything a real sync does, inside one transaction that is then rolled back."""
@@ -173,6 +212,7 @@ class SyncEngine:
         result: SyncResult,
         *,
         transaction: Callable[[], Any],
+        control: SyncControl | None = None,
     ) -> None:
         resolver = IdentityResolver()
         writer = TaskWriter(source=connector.name, kind=connector.kind, resolver=resolver, now=self.clock())
@@ -182,6 +222,8 @@ class SyncEngine:
                 seen[task.scope].add(task.external_id)
             try:
                 with transaction() as session:
+                    if control is not None:
+                        control.check(session, connector.name)
                     self._write_page(session, writer, connector, page, seen, result)
             except BaseException:
                 resolver.rollback()
@@ -190,6 +232,8 @@ class SyncEngine:
             result.pages += 1
             if self.on_page:
                 self.on_page(connector.name, result)
+            if control is not None and control.stop_requested():
+                raise _Interrupted
 
     @staticmethod
     def _write_page(
@@ -208,8 +252,10 @@ class SyncEngine:
         save_progress(session, connector.name, connector.kind, cursor, page.validators)
         result.upserts.add(stats)
 
-    def _record(self, result: SyncResult) -> None:
+    def _record(self, result: SyncResult, control: SyncControl | None = None) -> None:
         with self.store.transaction() as session:
+            if control is not None:
+                control.check(session, result.connector)
             if result.ok:
                 record_success(session, result.connector, result.kind, self.clock(), result.stats())
             else:

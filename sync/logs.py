@@ -1,4 +1,9 @@
-"""Logging setup: readable or JSON lines, with every configured secret redacted."""
+"""Logging setup: readable or JSON lines, with every configured secret redacted.
+
+A log call may carry structured fields, `log.info("...", extra={"fields": {...}})`: the JSON
+format adds them to the line's object (the readable format shows the message only), and
+`CONTEXT` adds fields to every line (the daemon puts its worker id there).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 REDACTED = "***"
 # Token shapes worth hiding even when they are not in the config (e.g. read from a library dump).
@@ -34,6 +40,21 @@ class Redactor:
 REDACT = Redactor()
 """The process-wide redactor; the CLI registers the loaded config's secrets on it."""
 
+CONTEXT: dict[str, Any] = {}
+"""Fields added to every JSON log line of this process (e.g. `worker`)."""
+
+_RESERVED = {"ts", "level", "logger", "message", "exception"}
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return REDACT(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
+
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -42,20 +63,27 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = REDACT(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = _redacted(fields)
         return True
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for source in (CONTEXT, getattr(record, "fields", None) or {}):
+            for key, value in source.items():
+                if key not in _RESERVED:
+                    doc[key] = _redacted(value)
         if record.exc_text:
             doc["exception"] = record.exc_text
-        return json.dumps(doc, ensure_ascii=False)
+        return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def setup_logging(*, level: int = logging.WARNING, fmt: str = "text") -> None:
