@@ -30,8 +30,8 @@ from store.findings import finding_json, open_findings
 from store.findings import snooze as snooze_finding
 from store.models import TaskEvent
 from store.queries import TaskFilter, find_task, list_tasks, task_json
-from store.sync_state import all_states
-from sync.config import AppConfig, config_schema, load_config
+from store.sync_state import all_states, failures_of
+from sync.config import AppConfig, config_schema, load_config, parse_address
 from sync.engine import SyncResult, build_connector
 from sync.logs import REDACT, setup_logging
 from sync.pipeline import CycleReport, Pipeline
@@ -57,6 +57,7 @@ app.add_typer(rules_app, name="rules")
 
 EXIT_CONNECTOR_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_ALREADY_RUNNING = 3
 
 
 class UsageError(TrackloopError):
@@ -68,6 +69,7 @@ class Settings:
 
     config_path: Path = Path("trackloop.toml")
     debug: bool = False
+    verbose: int = 0
 
 
 SETTINGS = Settings()
@@ -83,7 +85,7 @@ def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     log_format: Annotated[str, typer.Option("--log-format", help="Log format: text or json.")] = "text",
 ) -> None:
-    SETTINGS.config_path, SETTINGS.debug = config, debug
+    SETTINGS.config_path, SETTINGS.debug, SETTINGS.verbose = config, debug, verbose
     level = logging.DEBUG if verbose > 1 or debug else logging.INFO if verbose else logging.WARNING
     setup_logging(level=level, fmt=log_format)
 
@@ -414,6 +416,7 @@ def status(
 ) -> None:
     """Show each configured connector's last sync: success, error and cursor."""
     config = load()
+    now = datetime.now(UTC)
     with opened(config) as store, store.transaction() as session:
         states = all_states(session)
         doc = []
@@ -430,13 +433,15 @@ def status(
                 "last_error_at": row.last_error_at.isoformat() if row and row.last_error_at else None,
                 "cursor": row.cursor if row else None,
                 "last_stats": row.last_stats if row else {},
+                "failures": failures_of(row.last_stats) if row and row.last_error else 0,
+                "syncing_on": row.lease_owner if row and row.lease_expires and row.lease_expires > now else None,
             })
     if as_json:
         print_json(doc)
         return
-    print_table("connectors", ["connector", "type", "enabled", "last success", "last error"],
+    print_table("connectors", ["connector", "type", "enabled", "last success", "failures", "last error"],
                 [[d["connector"], d["type"], "yes" if d["enabled"] else "no", d["last_success"] or "never",
-                  d["last_error"] or ""] for d in doc])
+                  str(d["failures"]), d["last_error"] or ""] for d in doc])
 
 
 @app.command()
@@ -466,6 +471,50 @@ def render_tasks(docs: list[dict[str, Any]], title: str = "tasks") -> None:
     print_table(f"{title} ({len(docs)})", ["task", "title", "status", "owner", "due", "priority"],
                 [[f"{d['source']}:{d['external_id']}", d["title"][:80], d["status"], d["owner"] or "-",
                   d["due"] or "-", d["priority"]] for d in docs])
+
+
+@app.command()
+@guarded
+def run(
+    http: Annotated[
+        str | None,
+        typer.Option("--http", metavar="HOST:PORT",
+                     help="Serve /healthz, /metrics and webhooks here, e.g. 127.0.0.1:9464 (overrides daemon.http)."),
+    ] = None,
+    worker_id: Annotated[
+        str | None,
+        typer.Option("--worker-id", help="This replica's name in leases and logs (default HOST:PID)."),
+    ] = None,
+) -> None:
+    """Run as a daemon: sync each connector on its interval, run the rules, serve health and webhooks.
+
+    SIGTERM/SIGINT finish the current page and exit within 10 s; SIGHUP reloads the config (a bad
+    one is logged and the running config kept). On SQLite one replica runs (a second exits with
+    status 3); on PostgreSQL run as many as you like: they share the connectors through leases.
+    """
+    from sync.daemon import AlreadyRunning, Daemon
+
+    config = load()
+    if SETTINGS.verbose == 0 and not SETTINGS.debug:
+        logging.getLogger().setLevel(logging.INFO)  # a daemon logs a line per sync by default,
+        for chatty in ("alembic", "trackloop.rules"):  # and one per rules run (not one per rule)
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    if http is not None:
+        try:
+            parse_address(http)
+        except ValueError as exc:
+            raise UsageError(f"--http: {exc}") from None
+    daemon = Daemon(config, connector_types=connector_types(), load_config=load, worker=worker_id, http=http)
+    try:
+        report = daemon.run()
+    except AlreadyRunning as exc:
+        err.print(f"error: {REDACT(str(exc))}", markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_ALREADY_RUNNING) from None
+    if report.abandoned:  # threads stuck in a request: do not wait for them
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from connectors.base import Connector
 from rules.engine import RuleOutcome, RulesEngine, build_rules
 from rules.registry import rule_types
 from store.db import Store
+from store.locks import exclusive
 from sync.config import AppConfig
 from sync.engine import SyncEngine, SyncResult
 
@@ -56,4 +57,5 @@ class Pipeline:
 
     def run_rules(self) -> list[RuleOutcome]:
         with self.store.transaction() as session:
+            exclusive(session, "rules")  # replicas take turns: findings are reconciled set-wise
             return self.rules.run(session)
