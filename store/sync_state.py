@@ -151,15 +151,17 @@ def claim(
     if not order or limit <= 0:
         return []
     r = SyncStateRow
-    stmt = select(r).where(r.connector.in_(order), or_(r.lease_expires.is_(None), r.lease_expires < now,
-                                                       r.lease_owner.is_(None)))
-    if dialect_of(session) == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    rows = {row.connector: row for row in session.scalars(stmt)}
+    skip_locked = dialect_of(session) == "postgresql"
     claimed: list[str] = []
-    for name in order:
-        row = rows.get(name)
-        if row is None or len(claimed) >= limit:
+    for name in order:  # one row at a time: a replica locks only what it takes, others take the rest
+        if len(claimed) >= limit:
+            break
+        stmt = select(r).where(r.connector == name, or_(r.lease_owner.is_(None), r.lease_expires.is_(None),
+                                                        r.lease_expires < now))
+        if skip_locked:
+            stmt = stmt.with_for_update(skip_locked=True)
+        row = session.scalar(stmt)
+        if row is None:
             continue
         schedule = Schedule(row.connector, row.last_attempt, row.last_success, row.last_error,
                             row.last_error_at, failures_of(row.last_stats), row.lease_owner,
