@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -103,10 +103,31 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+MIGRATION_LOCK = 0x7472_6163_6B6C_6F6F  # "trackloo": the advisory lock key replicas migrate under
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process migrates at a time (replicas starting together on an empty
+    database); the others wait, then find the schema at head and have nothing to do."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            conn.commit()
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision (what `trackloop db upgrade` runs)."""
     try:
-        command.upgrade(_alembic_config(engine), "head")
+        with _migration_lock(engine):
+            command.upgrade(_alembic_config(engine), "head")
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot migrate {redact_url(str(engine.url))}: {exc.__class__.__name__}: {exc}") from exc
 

@@ -10,6 +10,7 @@ injection (429/5xx/timeouts/malformed bodies), and a settable clock. Each stand-
 from __future__ import annotations
 
 import json
+import sys
 import re
 import threading
 import time
@@ -91,6 +92,7 @@ class Standin:
         self.log: list[LoggedRequest] = []
         self.faults: list[Fault] = []
         self._now: datetime | None = None
+        self.latency = 0.0  # seconds added to every answer, like a real API's round trip
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -151,6 +153,8 @@ class Standin:
         raise NotImplementedError
 
     def _dispatch(self, req: Request) -> Response:
+        if self.latency:
+            time.sleep(self.latency)
         with self.lock:
             fault = next((f for f in self.faults if f.matches(req)), None)
             if fault is not None and fault.times > 0:
@@ -214,7 +218,7 @@ class Standin:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -232,6 +236,13 @@ class Standin:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (a killed daemon, a timeout) is not the stand-in's error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 Route = Callable[[Request, "re.Match[str]"], Response]
