@@ -103,23 +103,41 @@ class SyncEngine:
     def apply_people(self, session: Session) -> None:
         sync_people(session, (p.spec(key) for key, p in self.config.people.items()))
 
-    def run(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> list[SyncResult]:
-        """Sync the named (default: every enabled) connector; one failure never stops the rest."""
-        names = list(only) if only is not None else [n for n, c in self.config.connectors.items() if c.enabled]
-        if not dry_run:
-            with self.store.transaction() as session:
-                self.apply_people(session)
-        return [self.sync_one(name, full=full, dry_run=dry_run) for name in names]
+    def _names(self, only: Iterable[str] | None) -> list[str]:
+        return list(only) if only is not None else [n for n, c in self.config.connectors.items() if c.enabled]
 
-    def sync_one(self, name: str, *, full: bool = False, dry_run: bool = False) -> SyncResult:
+    def run(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> list[SyncResult]:
+        """Sync the named (default: every enabled) connector; one failure never stops the rest.
+
+        A dry run does everything inside one transaction that is then rolled back."""
+        if dry_run:
+            results: list[SyncResult] = []
+            try:
+                with self.store.transaction() as session:
+                    results = self.run_in(session, only, full=full)
+                    raise _DryRun
+            except _DryRun:
+                return results
+        with self.store.transaction() as session:
+            self.apply_people(session)
+        return [self.sync_one(name, full=full) for name in self._names(only)]
+
+    def run_in(self, session: Session, only: Iterable[str] | None = None, *, full: bool = False) -> list[SyncResult]:
+        """Pull into the caller's transaction (dry runs): nothing is committed here, no state recorded."""
+        self.apply_people(session)
+        return [self.sync_one(name, full=full, session=session) for name in self._names(only)]
+
+    def sync_one(self, name: str, *, full: bool = False, session: Session | None = None) -> SyncResult:
+        """Pull one connector, committing page by page (or into `session`, committing nothing)."""
         kind = self.config.connectors[name].type
         result = SyncResult(connector=name, kind=kind)
         started = time.monotonic()
         connector = self.build(name)
         result.requests = connector.stats
         try:
-            if dry_run:
-                self._dry_run(connector, result, full)
+            if session is not None:
+                state = self._state(session, connector, full)
+                self._consume(connector, state, result, transaction=lambda: nullcontext(session))
             else:
                 self._pull(connector, result, full)
         except RateLimited as exc:
@@ -133,7 +151,7 @@ class SyncEngine:
         finally:
             connector.close()
         result.seconds = time.monotonic() - started
-        if not dry_run:
+        if session is None:
             self._record(result)
         log.info(
             "sync %s: %s, %d pages, %d new, %d changed, %d unchanged, %d requests in %.2fs%s",
@@ -154,17 +172,6 @@ class SyncEngine:
             state = self._state(session, connector, full)
             record_attempt(session, connector.name, connector.kind, self.clock())
         self._consume(connector, state, result, transaction=self.store.transaction)
-
-    def _dry_run(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
-        """Everything a real sync does, inside one transaction that is then rolled back."""
-        try:
-            with self.store.transaction() as session:
-                self.apply_people(session)
-                state = self._state(session, connector, full)
-                self._consume(connector, state, result, transaction=lambda: nullcontext(session))
-                raise _DryRun
-        except _DryRun:
-            pass
 
     def _consume(
         self,
