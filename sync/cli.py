@@ -587,8 +587,15 @@ def demo(
     """Seed a small team offline, run the whole pipeline and show the result (no config needed)."""
     from sync.demo import run_demo
 
-    docs = run_demo(path)
-    render_tasks(docs, title=f"demo tasks in {path}")
+    result = run_demo(path)
+    render_tasks(result.tasks, title=f"demo tasks in {path}")
+    print()
+    render_flags(result.flags, title="what needs follow-up")
+    print()
+    print_table(f"Slack DMs it would send ({len(result.dms)})", ["to", "message"],
+                [[person, text.replace(chr(10), " / ")] for person, text in result.dms])
+    print()
+    print(result.digest, end="")
 
 
 def main() -> None:

@@ -92,7 +92,7 @@ class Section:
 class DigestContent:
     name: str
     slot: datetime
-    since: datetime
+    since: datetime | None  # the last digest sent; None for a first digest
     counts: list[tuple[str, int]]
     sections: list[Section]
     changes: list[tuple[str, list[Item]]]
@@ -113,7 +113,8 @@ class DigestContent:
 # Sections in reading order: (title, rules whose open findings list a task there).
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Overdue", ("overdue",)),
-    ("At risk", ("at_risk", "dependency_at_risk", "due_soon")),
+    ("At risk", ("at_risk", "dependency_at_risk")),
+    ("Due soon", ("due_soon",)),
     ("Stale", ("stale_status",)),
     ("Unowned", ("missing_owner",)),
     ("Done, not verified", ("done_unverified",)),
@@ -121,9 +122,9 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def build(session: Session, name: str, config: DigestConfig, now: datetime, since: datetime | None) -> DigestContent:
-    """Gather the digest's content for the slot that `now` falls in."""
+    """Gather the digest's content for the slot that `now` falls in; changes are listed since
+    `since` (the last digest sent), and left out of a first digest."""
     slot = config.slot(now)
-    since = since or config.previous_slot(slot)
     owner = aliased(Person)
 
     def scoped(stmt):  # type: ignore[no-untyped-def]
@@ -138,7 +139,6 @@ def build(session: Session, name: str, config: DigestConfig, now: datetime, sinc
     open_ = [s.value for s in OPEN_STATUSES]
     base = select(func.count()).select_from(Task).outerjoin(owner, owner.id == Task.owner_id)
     n_open = session.scalar(scoped(base.where(Task.status.in_(open_)))) or 0
-    n_unowned = session.scalar(scoped(base.where(Task.status.in_(open_), Task.owner_id.is_(None)))) or 0
     n_blocked = session.scalar(scoped(base.where(Task.status == Status.BLOCKED.value))) or 0
 
     flagged = scoped(
@@ -173,14 +173,14 @@ def build(session: Session, name: str, config: DigestConfig, now: datetime, sinc
 
     counts = [
         ("Open", n_open),
-        ("Unowned", n_unowned),
+        ("Unowned", len(per_rule["missing_owner"])),
         ("Stale", len(per_rule["stale_status"])),
         ("Overdue", len(per_rule["overdue"])),
         ("At risk", len(per_rule["at_risk"] | per_rule["dependency_at_risk"])),
         ("Done, not verified", len(per_rule["done_unverified"])),
         ("Blocked", n_blocked),
     ]
-    changes = _changes(session, scoped, owner, since, config.max_items)
+    changes = _changes(session, scoped, owner, since, config.max_items) if since is not None else []
     return DigestContent(name, slot, since, counts, [*sections.values(), blocked], changes)
 
 
@@ -214,6 +214,10 @@ def _changes(session, scoped, owner, since: datetime, limit: int) -> list[tuple[
     ]
 
 
+def _since(d: DigestContent) -> str:
+    return d.since.astimezone(d.slot.tzinfo).strftime("%a %d %b, %H:%M") if d.since else ""
+
+
 # -- renderers ---------------------------------------------------------------------------------
 def render_text(d: DigestContent) -> str:
     """Plain text: the terminal and the text/plain part of email."""
@@ -232,10 +236,11 @@ def render_text(d: DigestContent) -> str:
             lines.append(f"  … and {section.total - sum(len(v) for v in section.by_owner.values())} more")
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
-        lines += ["", f"Since {d.since.strftime('%a %d %b, %H:%M')}"]
+        lines += ["", f"Since {_since(d)}"]
         for label, items in changes:
             lines.append(f"  {label} ({len(items)})")
-            lines += [f"    - {i.ref} {i.title}" for i in items]
+            lines += [f"    - {i.ref} {i.title}" + (f": {i.note}" if label == "Newly flagged" else "")
+                      for i in items]
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +268,7 @@ def render_markdown(d: DigestContent) -> str:
                 lines.append(f"- {ref} {_md(i.title)}: {_md(i.note)}")
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
-        lines += ["", f"## Since {d.since.strftime('%a %d %b, %H:%M')}"]
+        lines += ["", f"## Since {_since(d)}"]
         for label, items in changes:
             lines += ["", f"**{label} ({len(items)})**", ""]
             lines += [f"- {_md(i.ref)} {_md(i.title)}" for i in items]
@@ -288,7 +293,7 @@ def render_html(d: DigestContent) -> str:
                 parts.append("</ul>")
         changes = [(label, items) for label, items in d.changes if items]
         if changes:
-            parts.append(f"<h2>Since {e(d.since.strftime('%a %d %b, %H:%M'))}</h2>")
+            parts.append(f"<h2>Since {e(_since(d))}</h2>")
             for label, items in changes:
                 parts.append(f"<h3>{e(label)} ({len(items)})</h3><ul>")
                 parts += [f"<li>{e(i.ref)} {e(i.title)}</li>" for i in items]
@@ -321,7 +326,7 @@ def render_blocks(d: DigestContent) -> list[dict[str, object]]:
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         blocks += [{"type": "divider"}, {"type": "header", "text": {
-            "type": "plain_text", "text": f"Since {d.since.strftime('%a %d %b, %H:%M')}"}}]
+            "type": "plain_text", "text": f"Since {_since(d)}"}}]
         for label, items in changes:
             lines = [f"*{label} ({len(items)})*"] + [f"• {escape_mrkdwn(i.ref)} {escape_mrkdwn(i.title)}"
                                                      for i in items]

@@ -159,3 +159,7 @@ def test_demo_prints_a_real_table(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].split("\t")[:3] == ["task", "title", "status"]
     assert any(line.startswith("sheet:OPS-101\tRenew the wildcard TLS certificate") for line in lines)
+    assert "task\trule\tseverity\tact\tmessage" in lines  # the findings
+    assert any(line.startswith("sheet:OPS-106\toverdue\twarning\tcarol\toverdue by 5 days") for line in lines)
+    assert "to\tmessage" in lines and any(line.startswith("carol\tsheet:OPS-106") for line in lines)  # DMs
+    assert any(line.startswith("trackloop digest “leads”") for line in lines) and "Overdue: 4" in lines
