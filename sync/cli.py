@@ -41,8 +41,8 @@ from sync.logs import REDACT, setup_logging
 from sync.notify import Plan
 from sync.pipeline import CycleReport, Pipeline
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
