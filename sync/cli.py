@@ -365,7 +365,8 @@ def digest(
         pipeline = Pipeline(store, config, connector_types())
         run = pipeline.send_digest(name) if send else pipeline.digest(name)
     if out_file is not None:
-        text = render_html(run.content) if out_file.suffix.lower() in (".html", ".htm") else render_markdown(run.content)
+        as_html = out_file.suffix.lower() in (".html", ".htm")
+        text = render_html(run.content) if as_html else render_markdown(run.content)
         out_file.write_text(text, encoding="utf-8")
         err.print(f"wrote {out_file}", markup=False)
     elif not send:
@@ -411,8 +412,8 @@ def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
                      REDACT(r.error or r.note or "")])
     if dry_run:
         err.print("dry run: nothing was written", markup=False)
-    print_table("sync (dry run)" if dry_run else "sync", ["connector", "type", "result", "new", "changed", "unchanged", "cancelled",
-                        "requests", "time", "detail"], rows)
+    columns = ["connector", "type", "result", "new", "changed", "unchanged", "cancelled", "requests", "time", "detail"]
+    print_table("sync (dry run)" if dry_run else "sync", columns, rows)
     for r in results:
         if not r.ok:
             err.print(f"error: {r.connector}: {REDACT(r.error or '')}", markup=False)

@@ -47,7 +47,9 @@ class NotifyConfig(BaseModel):
     comment_on_source: list[str] = Field(
         default_factory=list, description="Rules whose findings are commented on the task itself (email: a reply)."
     )
-    dm_owner: list[str] = Field(default_factory=list, description="Rules whose findings are sent to the owner by Slack DM.")
+    dm_owner: list[str] = Field(
+        default_factory=list, description="Rules whose findings are sent to the owner by Slack DM."
+    )
     dm_connector: str | None = Field(
         None, description="The Slack connector that sends DMs (default: the only Slack connector)."
     )

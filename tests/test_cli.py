@@ -42,7 +42,8 @@ columns = { title = "Task", status = "Status", owner = "Owner", due = "Due" }
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     write_config(tmp_path, GOOD)
-    (tmp_path / "tasks.csv").write_text(HEADER + "1,Renew cert,doing,alice,2026-12-01\n2,Old,done,,\n3,Free,todo,team,\n")
+    rows = "1,Renew cert,doing,alice,2026-12-01\n2,Old,done,,\n3,Free,todo,team,\n"
+    (tmp_path / "tasks.csv").write_text(HEADER + rows)
     return tmp_path
 
 

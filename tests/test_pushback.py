@@ -125,14 +125,14 @@ def test_comment_and_dm_each_delivered_once_across_a_crash_after_the_post(world,
     clock.now += timedelta(minutes=10)  # past the back-off
     report = pipeline.deliver_outbox()
     assert report.already_delivered == 2 and report.sent == 0
-    assert outbox(store) == [("overdue:gh:acme/api#%d:comment:task:0" % n, "sent"),
-                             ("overdue:gh:acme/api#%d:dm:bob:0" % n, "sent")]
+    assert outbox(store) == [(f"overdue:gh:acme/api#{n}:comment:task:0", "sent"),
+                             (f"overdue:gh:acme/api#{n}:dm:bob:0", "sent")]
     assert len(comments_by_bot(gh, n)) == 1 and len(dms(slack, BOB_SLACK)) == 1
     body = comments_by_bot(gh, n)[0]
     assert "overdue by 4 days (due 2026-10-30)." in body and "<!-- trackloop:overdue:gh:acme/api#" in body
     dm = dms(slack, BOB_SLACK)[0]
-    assert dm["metadata"]["event_payload"]["key"] == "overdue:gh:acme/api#%d:dm:bob:0" % n
-    assert "gh:acme/api#%d" % n in dm["text"]
+    assert dm["metadata"]["event_payload"]["key"] == f"overdue:gh:acme/api#{n}:dm:bob:0"
+    assert f"gh:acme/api#{n}" in dm["text"]
 
 
 def test_jira_comment_once_even_when_the_store_is_lost(world, store: Store, tmp_path) -> None:

@@ -309,7 +309,8 @@ FIRING: dict[str, tuple[dict, dict]] = {
     "due_soon": (dict(due=date(2026, 11, 3), updated_at=NOW - timedelta(days=3)),
                  dict(due=date(2026, 11, 3), updated_at=NOW - timedelta(minutes=5))),
     "no_due_date": (dict(priority=Priority.HIGH), dict(priority=Priority.HIGH, due=date(2026, 12, 1))),
-    "missing_context": (dict(body="fix", acceptance_criteria=None), dict(body="fix", acceptance_criteria="done when X")),
+    "missing_context": (dict(body="fix", acceptance_criteria=None),
+                        dict(body="fix", acceptance_criteria="done when X")),
     "done_unverified": (dict(status=Status.DONE, status_changed_at=NOW - timedelta(days=4)),
                         dict(status=Status.DONE, status_changed_at=NOW - timedelta(days=4), verified=True)),
     "at_risk": (dict(due=date(2026, 11, 4), remaining_estimate_s=10 * 8 * 3600),
@@ -341,7 +342,8 @@ def test_parent_is_kept_fresh_by_active_children_not_the_reverse(store: Store) -
     long_ago = NOW - timedelta(days=20)
     put(store, task("parent", status=Status.IN_PROGRESS, updated_at=long_ago),
         task("child", status=Status.IN_PROGRESS, updated_at=long_ago), now=long_ago)
-    put(store, task("kid", updated_at=NOW - timedelta(hours=1), links=(LinkRecord(LinkKind.PARENT, TaskRef("parent")),)),
+    to_parent = (LinkRecord(LinkKind.PARENT, TaskRef("parent")),)
+    put(store, task("kid", updated_at=NOW - timedelta(hours=1), links=to_parent),
         task("child", status=Status.IN_PROGRESS, updated_at=long_ago,
              links=(LinkRecord(LinkKind.PARENT, TaskRef("busy-parent")),)),
         task("busy-parent", updated_at=NOW - timedelta(hours=1)))

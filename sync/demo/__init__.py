@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 from connectors.registry import connector_types
