@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,6 +26,7 @@ from store.models import Finding, OutboxAction, Person, Task, TaskEvent
 from store.outbox import NewAction
 from store.sql import has_any_label
 from sync.messages import short
+from sync.zones import TimeZoneName
 
 Via = Literal["slack", "email"]
 
@@ -37,7 +38,7 @@ class DigestConfig(BaseModel):
 
     to: list[str] = Field(description='Person keys, and/or Slack channels ("#ops" or "C0OPS").')
     schedule: str = Field("0 9 * * mon-fri", description="Cron expression, in the digest's time zone.")
-    timezone: str = Field("UTC", description="IANA time zone of the schedule.")
+    timezone: TimeZoneName = Field("UTC", description="IANA time zone of the schedule.")
     via: list[Via] = Field(default_factory=lambda: ["slack"], description="slack and/or email.")
     slack_connector: str | None = Field(None, description="Slack connector to post with (default: the only one).")
     email_connector: str | None = Field(
@@ -53,15 +54,6 @@ class DigestConfig(BaseModel):
     def _cron(cls, value: str) -> str:
         if not croniter.is_valid(value):
             raise ValueError(f'expected a cron expression like "0 9 * * mon-fri", got {value!r}')
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
     def slot(self, now: datetime) -> datetime:
