@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
+from connectors.smtp import SmtpConfig
 from store.canonical import IdentityKind
 from store.errors import ConfigError, ConfigProblem
 from store.people import PersonSpec
@@ -76,6 +77,9 @@ class TopLevel(BaseModel):
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Rule settings by rule id.")
     notify: dict[str, Any] = Field(default_factory=dict, description="Push-back policy.")
     digests: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Lead digests by name.")
+    smtp: SmtpConfig | None = Field(
+        None, description="Outgoing mail (email replies, digests); connectors with an `smtp` key inherit it."
+    )
 
 
 class AppConfig(BaseModel):
@@ -89,6 +93,7 @@ class AppConfig(BaseModel):
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict)
     notify: dict[str, Any] = Field(default_factory=dict)
     digests: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    smtp: SmtpConfig | None = None
 
     def secrets(self) -> list[str]:
         """Every secret value in the config, for the log redactor."""
@@ -234,6 +239,8 @@ def parse_config(
                 ConfigProblem(file, format_path((*path, "type")), f"unknown connector type {kind!r} (known: {known})")
             )
             continue
+        if top.smtp is not None and "smtp" in cls.config_model.model_fields and "smtp" not in section:
+            section = {**section, "smtp": top.smtp}  # the shared [smtp] table, unless the section has its own
         try:
             connectors[name] = cls.config_model.model_validate(section)
         except ValidationError as exc:
@@ -253,6 +260,7 @@ def parse_config(
         rules=top.rules,
         notify=top.notify,
         digests=top.digests,
+        smtp=top.smtp,
     )
 
 
