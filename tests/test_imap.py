@@ -350,8 +350,10 @@ def test_text_part_from_rfc3501_bodystructures() -> None:
     assert text_part(mixed) == TextPart("1", "plain", "us-ascii", "7bit")
     # mixed > (alternative: html before plain) + pdf attachment: the plain part, 1.2.
     nested = structure(
-        b'2 (UID 2 BODYSTRUCTURE ((("TEXT" "HTML" ("CHARSET" "utf-8") NIL NIL "QUOTED-PRINTABLE" 300 8 NIL NIL NIL NIL)'
-        b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "BASE64" 200 3 NIL NIL NIL NIL) "ALTERNATIVE" ("BOUNDARY" "b2")'
+        b'2 (UID 2 BODYSTRUCTURE ((("TEXT" "HTML" ("CHARSET" "utf-8")'
+        b' NIL NIL "QUOTED-PRINTABLE" 300 8 NIL NIL NIL NIL)'
+        b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "BASE64" 200 3'
+        b' NIL NIL NIL NIL) "ALTERNATIVE" ("BOUNDARY" "b2")'
         b' NIL NIL NIL)("APPLICATION" "PDF" ("NAME" "x.pdf") NIL NIL "BASE64" 2000000 NIL ("ATTACHMENT"'
         b' ("FILENAME" "x.pdf")) NIL NIL) "MIXED" ("BOUNDARY" "b1") NIL NIL NIL))'
     )
@@ -363,8 +365,10 @@ def test_text_part_from_rfc3501_bodystructures() -> None:
     # a text file attached, and a forwarded message: neither is the message's own text
     attached = structure(
         b'4 (UID 4 BODYSTRUCTURE (("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 10 1 NIL ("ATTACHMENT"'
-        b' ("FILENAME" "log.txt")) NIL NIL)("MESSAGE" "RFC822" NIL NIL NIL "7BIT" 466 ("Tue, 17 Sep 2024 18:00:00'
-        b' +0200" "Inner" NIL NIL NIL NIL NIL NIL NIL "<inner@x>") ("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL'
+        b' ("FILENAME" "log.txt")) NIL NIL)("MESSAGE" "RFC822" NIL'
+        b' NIL NIL "7BIT" 466 ("Tue, 17 Sep 2024 18:00:00'
+        b' +0200" "Inner" NIL NIL NIL NIL NIL NIL NIL "<inner@x>")'
+        b' ("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL'
         b' "7BIT" 45 1 NIL NIL NIL NIL) 17 NIL ("ATTACHMENT" ("FILENAME" "fwd.eml")) NIL NIL) "MIXED"'
         b' ("BOUNDARY" "x") NIL NIL NIL))'
     )
@@ -950,7 +954,8 @@ def test_check_reports_the_folder_and_smtp(env: Env, smtp_sink: SmtpSink) -> Non
     smtp = {"host": smtp_sink.host, "port": smtp_sink.port, "starttls": False}
     result = env.connector(smtp=smtp).check()
     assert result.ok and result.detail == (
-        f"127.0.0.1: logged in as {env.account['user']}; Tasks holds 1; smtp 127.0.0.1:{smtp_sink.port} (plain)"
+        f"127.0.0.1: logged in as {env.account['user']}; Tasks holds 1; "
+        f"smtp 127.0.0.1:{smtp_sink.port} (plain)"
     )
     missing = env.connector(folders=["Nope"]).check()
     assert not missing.ok and "folder 'Nope' does not exist" in missing.detail
