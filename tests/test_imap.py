@@ -59,6 +59,7 @@ from store.errors import ConfigError
 from store.models import Task, TaskEvent
 from sync.config import parse_config
 from sync.engine import SyncEngine, SyncResult
+from sync.standins.imap import ImapStandin
 from tests.conftest import Clock
 from tests.contract import ConnectorContract
 from tests.mailrig import SmtpSink, append_message
@@ -1232,3 +1233,97 @@ def test_relay_counts_match_the_connectors_request_stats(env: Env, smtp_sink: Sm
             assert result.ok and result.requests.requests == world.request_count() - before
     finally:
         world.relay.close()
+
+
+# -- against the stdlib stand-in (runs without Dovecot) ---------------------------------------
+@pytest.fixture
+def standin() -> Iterator[ImapStandin]:
+    with ImapStandin(user="support@example.com", password="pw") as server:
+        yield server
+
+
+def standin_config(tmp_path: Path, server: ImapStandin, **overrides: Any) -> Any:
+    account = {"host": server.host, "port": server.port, "user": server.user, "password": server.password}
+    data = {
+        "store": {"url": f"sqlite:///{tmp_path / 'mail.db'}"},
+        "connectors": {"mail": section(account, **overrides)},
+    }
+    return parse_config(data, env={}, connector_types=TYPES)
+
+
+def seed_standin(server: ImapStandin, count: int) -> None:
+    for n in range(1, count + 1):
+        server.append(
+            FOLDER, raw_mail(f"Request {n}", msgid=f"<req-{n}@client.example>", at=T0 + timedelta(minutes=n))
+        )
+
+
+def external_ids(store: Store) -> list[str]:
+    with store.transaction() as session:
+        return sorted(session.scalars(select(Task.external_id)))
+
+
+def test_a_crash_between_pages_resumes_from_the_committed_cursor(
+    tmp_path: Path, standin: ImapStandin, clock: Clock
+) -> None:
+    seed_standin(standin, 5)
+    config = standin_config(tmp_path, standin, page_size=2)
+    store = Store(config.store.url)
+
+    def crash(name: str, result: SyncResult) -> None:
+        raise RuntimeError("killed after the first page")
+
+    [failed] = SyncEngine(store, config, TYPES, clock=clock, on_page=crash).run()
+    assert not failed.ok and failed.pages == 1
+    assert external_ids(store) == ["req-1@client.example", "req-2@client.example"]  # page 1 was committed
+    [resumed] = SyncEngine(store, config, TYPES, clock=clock).run()
+    assert resumed.ok and resumed.upserts.inserted == 3 and resumed.upserts.updated == 0
+    assert len(external_ids(store)) == 5
+    store.close()
+
+
+def test_a_bye_from_a_rebuilt_mailbox_is_retried_and_the_next_sync_rescans(
+    tmp_path: Path, standin: ImapStandin, clock: Clock
+) -> None:
+    seed_standin(standin, 5)
+    config = standin_config(tmp_path, standin, page_size=2)
+    store = Store(config.store.url)
+    old = standin.uidvalidity(FOLDER)
+
+    def rebuild(name: str, result: SyncResult) -> None:
+        if result.pages == 1:
+            standin.rebuild(FOLDER)  # the selected client gets BYE on its next command
+
+    [first] = SyncEngine(store, config, TYPES, clock=clock, on_page=rebuild).run()
+    assert not first.ok and first.requests.retries == 1  # BYE -> reconnect -> the UIDVALIDITY moved
+    assert first.error == "mail: UIDVALIDITY of 'Tasks' changed during the sync; the next sync re-reads it"
+    [second] = SyncEngine(store, config, TYPES, clock=clock).run()
+    assert second.ok and (second.upserts.inserted, second.upserts.cancelled) == (3, 0)
+    assert len(external_ids(store)) == 5 and standin.uidvalidity(FOLDER) != old
+    store.close()
+
+
+def test_the_demo_source(tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from sync.demo import demo_config
+    from sync.demo import imap as demo_imap
+
+    today = date(2026, 11, 2)
+    with ExitStack() as stack:
+        name, section_ = demo_imap.source(stack, tmp_path, today)
+        config = demo_config(tmp_path / "demo.db", {name: section_})
+        store = Store(config.store.url)
+        [result] = SyncEngine(store, config, TYPES).run()
+        assert result.ok, result.error
+        with store.transaction() as session:
+            tasks = {
+                t.external_id: (t.status, t.owner_id is not None, t.title)
+                for t in session.scalars(select(Task))
+            }
+        store.close()
+    assert tasks["vpn-berlin.1@client.example"][:2] == ("todo", True)  # Owner: carol in a reply
+    assert tasks["cert-shop.1@client.example"][0] == "done"
+    assert tasks["laptop.1@client.example"][:2] == ("todo", True)
+    assert tasks["printer.1@example.com"][:2] == ("todo", False)
+    assert len(tasks) == 4

@@ -22,7 +22,7 @@ from store.db import Store
 from store.errors import TrackloopError
 from store.queries import TaskFilter, list_tasks, task_json
 from sync.config import AppConfig, parse_config
-from sync.demo import sheet
+from sync.demo import imap, sheet
 
 PEOPLE: dict[str, dict[str, Any]] = {
     "alice": {"name": "Alice Kim", "email": "alice@example.com", "lead": True},
@@ -31,7 +31,7 @@ PEOPLE: dict[str, dict[str, Any]] = {
     "dan": {"name": "Dan Weber", "email": "dan@example.com"},
 }
 
-SOURCES = [sheet]
+SOURCES = [sheet, imap]
 
 
 def demo_config(db_path: Path, connectors: dict[str, dict[str, Any]]) -> AppConfig:
