@@ -5,8 +5,8 @@ ever marked as read):
 
 - The cursor keeps (UIDVALIDITY, last UID, HIGHESTMODSEQ) per folder. New mail is
   `UID SEARCH UID n:*` filtered to UIDs above the cursor (`n:*` always returns the newest UID).
-  Flag changes come from `SEARCH MODSEQ` (CONDSTORE) when the server has it; the MODSEQs our own
-  keyword STOREs produced are remembered and skipped, so marking mail costs nothing next time.
+  Flag changes come from `SEARCH MODSEQ` (CONDSTORE) when the server has it; the MODSEQ ranges
+  our own keyword STOREs produced are remembered and left out of that search by the server.
   A changed UIDVALIDITY, a folder's first sync and `--full` re-read the whole folder; task ids
   are Message-IDs, so a rebuilt mailbox re-maps onto the same tasks, and the complete listing
   lets the engine cancel threads whose mail is gone (the UID-list diff imapclient's lack of
@@ -107,7 +107,7 @@ FETCH_CHUNK = 200  # UIDs per FETCH command
 SEARCH_CHUNK = 10  # Message-IDs per SEARCH command (three header keys each)
 EXPAND_ROUNDS = 3  # searches outward from a reply whose thread the cursor no longer remembers
 EXPAND_MAX = 500  # messages such a search may add to one page
-OWN_MODSEQS_MAX = 200
+OWN_RANGES_MAX = 20  # MODSEQ ranges of our own STOREs kept (more only costs re-reading a few messages)
 REFERENCES_MAX = 10  # References kept for a reply: the root and the most recent ones
 OWN_PREFIX = "<trackloop."  # Message-IDs of what trackloop itself sent (see connectors.smtp)
 NO_SUBJECT = "(no subject)"
@@ -248,7 +248,7 @@ class FolderState(BaseModel):
     uidvalidity: int
     last_uid: int = 0  # every message up to here is reflected in committed tasks
     modseq: int | None = None  # flag changes up to here are reflected (CONDSTORE servers)
-    own: tuple[int, ...] = ()  # MODSEQs above `modseq` that our own keyword STOREs produced
+    own: tuple[tuple[int, int], ...] = ()  # MODSEQ ranges (inclusive) only our keyword STOREs produced
 
 
 class ThreadMemo(BaseModel):
@@ -258,7 +258,7 @@ class ThreadMemo(BaseModel):
     root: str  # the task's external id
     folder: str
     uids: tuple[int, ...]  # its messages, under the folder's current UIDVALIDITY
-    keys: tuple[str, ...]  # hashes of its messages' Message-IDs (replies point at these)
+    keys: tuple[str, ...]  # hashes of its messages' Message-IDs and references (replies, late parents)
     subjects: tuple[str, ...]  # hashes of its subjects (the "Re:" fallback)
     last: datetime  # its newest message
 
@@ -503,10 +503,28 @@ class _HtmlText(HTMLParser):
 
     SKIP = frozenset({"script", "style", "head", "title", "noscript", "template"})
     LINES = frozenset({"li", "tr", "dt", "dd"})
-    BLOCKS = frozenset({
-        "p", "div", "table", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "section", "article",
-        "header", "footer", "hr", "blockquote",
-    })
+    BLOCKS = frozenset(
+        {
+            "p",
+            "div",
+            "table",
+            "ul",
+            "ol",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "pre",
+            "section",
+            "article",
+            "header",
+            "footer",
+            "hr",
+            "blockquote",
+        }
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -953,6 +971,23 @@ def merged_record(old_root: Mail, new_root_id: str, rules: ThreadRules) -> TaskR
 
 
 # -- the connector -----------------------------------------------------------------------------
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Inclusive ranges, sorted, overlapping or adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], high))
+        else:
+            out.append((low, high))
+    return tuple(out)
+
+
+def own_ranges(mine: Iterable[int], theirs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Our own MODSEQs as ranges of consecutive values, leaving out any value another client's
+    change also got (one STORE is atomic: its MODSEQs are one value or a run of values)."""
+    return merge_ranges((value, value) for value in set(mine) - set(theirs) if value > 0)
+
+
 class _MissingFolder(ConnectorError):
     pass
 
@@ -1224,6 +1259,7 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
     def pull(self, state: SyncState[ImapCursor]) -> Iterator[Page[ImapCursor]]:
         cursor = state.cursor or ImapCursor()
         work = _Work(dict(cursor.folders), {(m.folder, m.root): m for m in cursor.threads})
+        work.prune(self.now(), self.config.thread_window, self.config.thread_memory)  # the limits may be new
         for folder in self.config.folders:
             yield from self._pull_folder(folder, work, full=state.full)
 
@@ -1264,7 +1300,7 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 uidvalidity=uidvalidity,
                 last_uid=max(state.last_uid, window[-1] if window else 0),
                 modseq=highest,
-                own=tuple(sorted({*state.own, *own}))[-OWN_MODSEQS_MAX:] if highest is not None else (),
+                own=merge_ranges([*state.own, *own])[-OWN_RANGES_MAX:] if highest is not None else (),
             )
             work.folders[folder] = state
             work.prune(self.now(), self.config.thread_window, self.config.thread_memory)
@@ -1280,17 +1316,15 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
             previous = state
 
     def _changed(self, folder: str, previous: FolderState, highest: int | None) -> list[int]:
-        """Old messages whose flags changed since the cursor, except changes we made ourselves."""
+        """Old messages whose flags changed since the cursor, except changes we made ourselves
+        (excluded by the server: NOT (MODSEQ lo NOT MODSEQ hi+1) for each of our ranges)."""
         if highest is None or previous.modseq is None or highest <= previous.modseq or previous.last_uid == 0:
             return []
-        since, last = previous.modseq + 1, previous.last_uid
-        uids = self._read(folder, lambda c: c.search(["MODSEQ", since, "UID", f"1:{last}"]))
-        uids = [uid for uid in uids if uid <= last]
-        if not uids or not previous.own:
-            return sorted(uids)
-        own = set(previous.own)
-        modseqs = self._read(folder, lambda c: c.fetch(uids, ["MODSEQ"]))
-        return sorted(uid for uid, data in modseqs.items() if (data.get(b"MODSEQ") or (0,))[0] not in own)
+        last = previous.last_uid
+        criteria: list[Any] = ["MODSEQ", previous.modseq + 1, "UID", f"1:{last}"]
+        for low, high in previous.own:
+            criteria += ["NOT", ["MODSEQ", low, "NOT", "MODSEQ", high + 1]]
+        return sorted(uid for uid in self._read(folder, lambda c: c.search(criteria)) if uid <= last)
 
     # -- one page of one folder --------------------------------------------------------------
     def _fetch_mails(self, folder: str, uids: Iterable[int]) -> dict[int, Mail]:
@@ -1356,7 +1390,9 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         charset = None if text.isascii() else "UTF-8"
         return set(self._read(folder, lambda c: c.search(criteria, charset=charset)))
 
-    def _expand(self, folder: str, ids: set[str], subjects: set[str], known: Mapping[int, Mail]) -> dict[int, Mail]:
+    def _expand(
+        self, folder: str, ids: set[str], subjects: set[str], known: Mapping[int, Mail]
+    ) -> dict[int, Mail]:
         """Messages of threads the cursor forgot: search the folder outward from the given Message-IDs
         (ancestors by Message-ID, earlier replies by References/In-Reply-To) and subjects (for "Re:"
         replies without headers), round by round from what each round found."""
@@ -1372,7 +1408,11 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 break
             by_id: set[int] = set()
             for chunk in _chunks(sorted(frontier), SEARCH_CHUNK):
-                keys = [["HEADER", name, mid] for mid in chunk for name in ("Message-ID", "References", "In-Reply-To")]
+                keys = [
+                    ["HEADER", name, mid]
+                    for mid in chunk
+                    for name in ("Message-ID", "References", "In-Reply-To")
+                ]
                 by_id |= self._search(folder, _any_of(keys))
             by_subject: set[int] = set()
             for bare in topics.values():
@@ -1455,15 +1495,17 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 root=record.external_id,
                 folder=folder,
                 uids=tuple(sorted(m.uid for m in group)),
-                keys=tuple(sorted({digest(m.key) for m in group})),
+                keys=tuple(
+                    sorted({digest(k) for m in group for k in (m.key, *m.refs)})
+                ),  # refs: late parents
                 subjects=tuple(sorted({digest(subject_key(m.subject)) for m in group if m.subject})),
                 last=min(max(m.date for m in group), self.now()),
             )
         return batch
 
-    def _mark(self, folder: str, capture: Mapping[int, tuple[str, ...]]) -> list[int]:
+    def _mark(self, folder: str, capture: Mapping[int, tuple[str, ...]]) -> list[tuple[int, int]]:
         """Set the keyword on captured messages (read-write SELECT; STORE +FLAGS never touches \\Seen).
-        Returns the MODSEQs of changes that were ours alone, for the next sync to skip."""
+        Returns the MODSEQ ranges of changes that were ours alone, for the next sync to skip."""
         keyword = self.config.mark_keyword
         if not keyword or not capture:
             return []
@@ -1478,13 +1520,13 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 "%s: could not set %s on %d message(s) in %s: %s", self.name, keyword, len(uids), folder, exc
             )
             return []
-        own = []
+        mine, theirs = set(), set()
         for uid, data in after.items():
             expected = {f.lower() for f in capture.get(uid, ())} | {keyword.lower(), "\\recent"}
             flags = {_flag_text(f).lower() for f in data.get(b"FLAGS", ())} | {"\\recent"}
-            if flags == expected and data.get(b"MODSEQ"):  # nobody else changed it meanwhile
-                own.append(int(data[b"MODSEQ"][0]))
-        return own
+            modseq = int((data.get(b"MODSEQ") or (0,))[0])
+            (mine if flags == expected else theirs).add(modseq)  # else someone changed it meanwhile
+        return list(own_ranges(mine, theirs))
 
     # -- push ------------------------------------------------------------------------------
     def push(self, action: Action) -> PushResult:
