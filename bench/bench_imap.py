@@ -148,7 +148,8 @@ def main() -> None:
     where = "Dovecot" if args.dovecot else "stdlib stand-in"
     print(f"imap connector against {where}: {args.threads} threads x 4 messages")
     print(
-        f"{'sync':42} {'new msgs':>8} {'wall s':>8} {'requests':>9} {'pages':>6} {'inserted':>9} {'updated':>8}"
+        f"{'sync':42} {'new msgs':>8} {'wall s':>8} {'requests':>9} {'pages':>6}"
+        f" {'inserted':>9} {'updated':>8}"
     )
     for name, messages, result, seconds in rows:
         print(

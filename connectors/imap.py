@@ -1290,6 +1290,8 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         else:
             found = self._read(folder, lambda c: c.search(["UID", f"{start + 1}:*"]))
             new = sorted(uid for uid in found if uid > start)  # "n:*" always holds the newest UID
+        if not rescan and not new and not changed and highest == (previous.modseq if previous else None):
+            self.stats.not_modified += 1  # the folder is as the cursor left it
         state = FolderState(uidvalidity=uidvalidity, last_uid=start, modseq=highest)
         windows = list(_chunks(new, self.config.page_size)) or [[]]
         for index, window in enumerate(windows):
@@ -1540,7 +1542,10 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
             raise PushError(f"{self.name}: reply_from is not configured, cannot send mail", permanent=True)
         message_id = message_id_for(action.key, address_domain(cfg.reply_from))
         try:
-            message, folder = self._compose(action, message_id)
+            try:
+                message, folder = self._compose(action, message_id)
+            except ValueError as exc:  # an address or subject EmailMessage refuses (e.g. a line break)
+                raise PushError(f"{self.name}: cannot compose the message: {exc}", permanent=True) from None
             places = [cfg.sent_folder] + ([folder] if folder and folder != cfg.sent_folder else [])
             for place in places:
                 if self._holds(place, message_id):

@@ -711,9 +711,9 @@ def test_first_incremental_and_idle_syncs_with_request_counts(pg_env: Env) -> No
     assert after_marks.ok and after_marks.pages == 1 and after_marks.upserts.updated == 0
     assert after_marks.requests.requests == 6  # the idle sync's 5 + SEARCH MODSEQ (finding nothing)
     idle = env.sync()
-    assert (
-        idle.ok and idle.pages == 0 and idle.requests.requests == 5
-    )  # CAPABILITY, LOGIN, ENABLE, EXAMINE, LOGOUT
+    assert idle.ok and idle.pages == 0
+    assert idle.requests.requests == 5  # CAPABILITY, LOGIN, ENABLE, EXAMINE, LOGOUT
+    assert idle.requests.not_modified == 1 and after_marks.requests.not_modified == 0
 
 
 @pytest.mark.imap
@@ -1056,6 +1056,16 @@ def test_an_email_with_html_and_refusals(env: Env, smtp_sink: SmtpSink) -> None:
     assert info.value.permanent
     with pytest.raises(PushError, match="needs a target address") as info:
         connector.push(Action(key="k", kind="email", text="hi"))
+    assert info.value.permanent
+    with pytest.raises(PushError, match="cannot compose the message") as info:
+        connector.push(
+            Action(
+                key="k",
+                kind="reply",
+                text="hi",
+                task_extra={"message_id": "<r@x>", "reply_to": "a@b.c\nBcc: z@x"},
+            )
+        )
     assert info.value.permanent
     with pytest.raises(PushError, match="no \\[smtp\\] configured") as info:
         env.connector().push(action)
