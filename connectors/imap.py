@@ -1473,8 +1473,10 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         groups = [g for g in thread_groups(mails.values()) if touched_set.intersection(m.uid for m in g)]
         self._fetch_texts(folder, [m for g in groups for m in g])
         batch = _Batch()
-        for memo in hit.values():
-            work.memos.pop((folder, memo.root), None)
+        grouped = {m.uid for g in groups for m in g}
+        for memo in hit.values():  # rebuilt below (a hash collision leaves a memo alone)
+            if grouped.intersection(memo.uids):
+                work.memos.pop((folder, memo.root), None)
         for group in groups:
             record = thread_record(group, rules)
             if record is None:
@@ -1493,13 +1495,12 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                     )
                 if rules.mark_keyword and not mail.deleted and rules.mark_keyword not in mail.flags:
                     batch.capture[mail.uid] = mail.flags
+            keys = {digest(k) for m in group for k in (m.key, *m.refs)}  # refs: for parents arriving late
             work.memos[(folder, record.external_id)] = ThreadMemo(
                 root=record.external_id,
                 folder=folder,
                 uids=tuple(sorted(m.uid for m in group)),
-                keys=tuple(
-                    sorted({digest(k) for m in group for k in (m.key, *m.refs)})
-                ),  # refs: late parents
+                keys=tuple(sorted(keys)),
                 subjects=tuple(sorted({digest(subject_key(m.subject)) for m in group if m.subject})),
                 last=min(max(m.date for m in group), self.now()),
             )
