@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def dovecot_server() -> Iterator[tuple[int, Callable[[bytes], None]]]:
     finally:
         client.logout()
         subprocess.run(["bash", str(ROOT / "tests" / "imap_rig" / "stop.sh"), str(rig)], check=False)
+        shutil.rmtree(rig, ignore_errors=True)
 
 
 def run(store: Store, port: int, **section: Any) -> tuple[SyncResult, float]:
