@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
+from connectors.smtp import SmtpConfig
 from rules.base import Rule, RuleConfig
 from rules.registry import rule_types as rule_types_of
 from store.canonical import IdentityKind
@@ -82,6 +83,9 @@ class TopLevel(BaseModel):
         None, description="Push-back policy; without this table nothing is ever posted, only observed."
     )
     digests: dict[str, DigestConfig] = Field(default_factory=dict, description="Lead digests by name.")
+    smtp: SmtpConfig | None = Field(
+        None, description="Outgoing mail (email replies, digests); connectors with an `smtp` key inherit it."
+    )
 
 
 class AppConfig(BaseModel):
@@ -95,6 +99,7 @@ class AppConfig(BaseModel):
     rules: dict[str, RuleConfig] = Field(default_factory=dict)
     notify: NotifyConfig | None = None
     digests: dict[str, DigestConfig] = Field(default_factory=dict)
+    smtp: SmtpConfig | None = None
 
     def secrets(self) -> list[str]:
         """Every secret value in the config, for the log redactor."""
@@ -241,6 +246,8 @@ def parse_config(
                 ConfigProblem(file, format_path((*path, "type")), f"unknown connector type {kind!r} (known: {known})")
             )
             continue
+        if top.smtp is not None and "smtp" in cls.config_model.model_fields and "smtp" not in section:
+            section = {**section, "smtp": top.smtp}  # the shared [smtp] table, unless the section has its own
         try:
             connectors[name] = cls.config_model.model_validate(section)
         except ValidationError as exc:
@@ -264,6 +271,7 @@ def parse_config(
         rules=rules,
         notify=top.notify,
         digests=top.digests,
+        smtp=top.smtp,
     )
 
 

@@ -24,7 +24,7 @@ from store.errors import TrackloopError
 from store.findings import finding_json, open_findings
 from store.queries import TaskFilter, list_tasks, task_json
 from sync.config import AppConfig, parse_config
-from sync.demo import github, jira, sheet, slack
+from sync.demo import github, imap, jira, sheet, slack
 from sync.digests import render_text
 
 PEOPLE: dict[str, dict[str, Any]] = {
@@ -35,7 +35,7 @@ PEOPLE: dict[str, dict[str, Any]] = {
     "dan": {"name": "Dan Weber", "email": "dan@example.com", "github": "dan-weber", "slack": slack.DAN},
 }
 
-SOURCES = [sheet, github, jira, slack]
+SOURCES = [sheet, github, jira, slack, imap]
 
 # The follow-up policy a team might start with: comments where the work lives, DMs for what is
 # slipping, and a morning digest for the lead. The demo only prints what it would send.
