@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from connectors.registry import connector_plugins, connector_types
 from rules.engine import RuleOutcome, RulesEngine, build_rules
-from rules.registry import rule_types
+from rules.registry import rule_plugins, rule_types
 from store import db as store_db
 from store.canonical import Status
 from store.db import Store
@@ -225,11 +225,11 @@ def db_upgrade() -> None:
 @app.command()
 @guarded
 def doctor() -> None:
-    """List installed connector types and check each configured connector with one cheap call."""
-    plugins = connector_plugins()
-    print_table("connector types", ["type", "class", "distribution", "version"],
-                [[p.name, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
-                 for p in plugins.values()])
+    """List installed plugins (connector types, rules) and check each configured connector with one cheap call."""
+    plugins = [("connector", p) for p in connector_plugins().values()] + [("rule", p) for p in rule_plugins().values()]
+    print_table("plugins", ["name", "kind", "class", "distribution", "version"],
+                [[p.name, kind, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
+                 for kind, p in plugins])
     config = load()
     types = connector_types()
     rows, failed = [], False

@@ -143,7 +143,8 @@ def test_config_schema_is_json(tmp_path: Path) -> None:
 def test_doctor_lists_plugins_and_checks(project: Path) -> None:
     proc = run("doctor", cwd=project)
     assert proc.returncode == 0, proc.stderr
-    assert "csv" in proc.stdout and "connectors.csv.CsvConnector" in proc.stdout
+    assert "csv\tconnector\tconnectors.csv.CsvConnector\ttrackloop" in proc.stdout
+    assert "stale_status\trule\trules.stale_status.StaleStatus\ttrackloop" in proc.stdout
     assert "sheet\tcsv\tok" in proc.stdout
 
 
