@@ -125,7 +125,7 @@ def main() -> None:
     assert cold.ok and warm.ok, (cold.error, warm.error)
     assert stored == args.tasks
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"| tasks | cold sync | tasks/s | re-sync | rows written by re-sync | re-sync / cold | peak RSS |")
+    print("| tasks | cold sync | tasks/s | re-sync | rows written by re-sync | re-sync / cold | peak RSS |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.tasks:,} | {cold_s:.1f} s | {args.tasks / cold_s:,.0f} | {warm_s:.1f} s | "
           f"{warm.upserts.inserted + warm.upserts.updated} | {warm_s / cold_s:.2f} | {peak_mb:.0f} MB |")

@@ -499,6 +499,16 @@ def parse_external_id(external_id: str) -> tuple[str, int]:
     return match.group(1).lower(), int(match.group(2))
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
+_MENTION = re.compile(r"@(?=[\w-])")
+
+
+def plain_markdown(text: str) -> str:
+    """Plain text made inert in GitHub Markdown: no markup, HTML, links or @mentions of users or
+    teams can be injected by a task's title (a zero-width space after "@" breaks the mention)."""
+    return _MENTION.sub("@\u200b", _MARKDOWN_SPECIAL.sub(r"\\\1", text))
+
+
 def marker_for(key: str) -> str:
     """The invisible marker that carries an idempotency key; keys that could end a comment are hashed."""
     safe = key if re.fullmatch(r"[A-Za-z0-9:._/#@+=,-]{1,200}", key) and "--" not in key else None
@@ -937,7 +947,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             found = self._find_marker(repo, number, marker)
             if found is not None:
                 return PushResult(found, already_delivered=True)
-            body = f"{action.text.rstrip()}\n\n{marker}"
+            body = f"{plain_markdown(action.text.rstrip())}\n\n{marker}"
             issue = self.client.get_repo(repo).get_issue(number)  # lazy: no request
             self._check_budget()
             self.stats.requests += 1

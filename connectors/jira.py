@@ -639,11 +639,20 @@ def has_marker(text: str, marker: str) -> bool:
     return any(line.strip().strip("{}[]()").strip() == marker for line in text.splitlines())
 
 
+_WIKI_SPECIAL = re.compile(r"([\\{}\[\]*_+^~|!])")
+
+
+def plain_wiki(text: str) -> str:
+    """Plain text made inert in Jira wiki markup: no macros, links, [~mentions] or formatting."""
+    return _WIKI_SPECIAL.sub(r"\\\1", text)
+
+
 def comment_body(text: str, marker: str, *, cloud: bool) -> Any:
     """The comment: the action's text, then the marker as a short monospace last line. ADF on
     Cloud (REST v3 rejects plain strings), a wiki-markup string on Server/DC."""
     text = text.strip()
     if not cloud:
+        text = plain_wiki(text)
         return f"{text}\n\n{{{{{marker}}}}}" if text else f"{{{{{marker}}}}}"
     paragraphs: list[dict[str, Any]] = []
     for block in re.split(r"\n\s*\n", text) if text else []:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,18 +99,21 @@ class Rule(ABC, Generic[ConfigT]):
 
 
 # -- time helpers shared by rules --------------------------------------------------------------
+_MONDAY_EPOCH = 4 * 86400  # 1970-01-05, a Monday, in Unix seconds
+_WEEK, _WORKWEEK = 7 * 86400, 5 * 86400
+
+
+def _business_seconds(moment: datetime) -> float:
+    """Monday-to-Friday seconds (UTC) from a fixed Monday up to `moment`, in O(1)."""
+    weeks, rest = divmod(moment.timestamp() - _MONDAY_EPOCH, _WEEK)
+    return weeks * _WORKWEEK + min(rest, _WORKWEEK)
+
+
 def business_elapsed(start: datetime, end: datetime) -> timedelta:
     """Time between two instants that falls on Monday to Friday (UTC), for "3 business days"."""
     if end <= start:
         return timedelta(0)
-    monday = datetime.combine(start.date() - timedelta(days=start.weekday()), time(), start.tzinfo)
-    return _business_since_monday(monday, end) - _business_since_monday(monday, start)
-
-
-def _business_since_monday(monday: datetime, moment: datetime) -> timedelta:
-    """Weekday time from a Monday midnight up to `moment`, in O(1)."""
-    weeks, rest = divmod((moment - monday).total_seconds(), 7 * 86400)
-    return timedelta(seconds=weeks * 5 * 86400 + min(rest, 5 * 86400))
+    return timedelta(seconds=_business_seconds(end) - _business_seconds(start))
 
 
 def days_text(value: timedelta, business: bool = False) -> str:

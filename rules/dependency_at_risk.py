@@ -17,6 +17,7 @@ from sqlalchemy.orm import aliased
 from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict
 from store.canonical import LinkKind
 from store.models import Task, TaskLink
+from store.sql import one_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,6 @@ class DependencyAtRisk(Rule[RuleConfig]):
     def evaluate(self, ctx: RuleContext) -> list[Verdict]:
         nodes, blockers = self._graph(ctx)
         stale = ctx.results.get("stale_status", {})
-        in_scope = {tid for (tid,) in ctx.session.execute(ctx.scoped(ctx.open_tasks(Task.id), self.config))}
         risks: dict[int, Risk] = {}
         for component in _components(nodes, blockers):  # blockers come before what they block
             if len(component) > 1 or component[0] in blockers[component[0]]:
@@ -59,6 +59,7 @@ class DependencyAtRisk(Rule[RuleConfig]):
                     options.append(Risk((nodes[blocker].ref, *risks[blocker].chain), risks[blocker].cause))
             if options:
                 risks[task] = min(options, key=lambda r: len(r.chain))
+        in_scope = self._in_scope(ctx, list(risks))
         verdicts = []
         for task, risk in risks.items():
             if task not in in_scope:
@@ -73,6 +74,14 @@ class DependencyAtRisk(Rule[RuleConfig]):
                            f"{risk.chain[-1]} {risk.cause} ({path})")
             verdicts.append(Verdict(task, message, {"chain": list(risk.chain), "cause": risk.cause}))
         return verdicts
+
+    def _in_scope(self, ctx: RuleContext, ids: list[int]) -> set[int]:
+        """Which of the tasks at risk the rule's scope admits (risk itself crosses scopes)."""
+        found: set[int] = set()
+        for i in range(0, len(ids), 5000):
+            stmt = ctx.scoped(select(Task.id).where(one_of(ctx.session, Task.id, ids[i : i + 5000])), self.config)
+            found.update(tid for (tid,) in ctx.session.execute(stmt))
+        return found
 
     @staticmethod
     def _direct(ctx: RuleContext, nodes: dict[int, Node], task: int, blocker: int,

@@ -24,7 +24,8 @@ DEFAULT_AFTER = {"in_progress": timedelta(days=3), "todo": timedelta(days=14), "
 class StaleStatusConfig(RuleConfig):
     after: dict[str, Duration] = Field(
         default_factory=lambda: dict(DEFAULT_AFTER),
-        description="Quiet time allowed per open status (todo, in_progress, blocked); a status left out is not checked.",
+        description="Quiet time allowed per open status (todo, in_progress, blocked); "
+        "a status left out is not checked.",
     )
     business_days: bool = Field(True, description="Count only Monday to Friday.")
 
@@ -67,7 +68,8 @@ class StaleStatus(Rule[StaleStatusConfig]):
             quiet_for = business_elapsed(since, ctx.now) if business else ctx.now - since
             if quiet_for <= self.config.after[status]:
                 continue
-            message = f"{status.replace('_', ' ')} with no activity for {days_text(quiet_for, business)}{suffix[status]}"
+            quiet_text = days_text(quiet_for, business)
+            message = f"{status.replace('_', ' ')} with no activity for {quiet_text}{suffix[status]}"
             verdicts.append(Verdict(tid, message, {"status": status, "quiet_since": since.isoformat()}))
         return verdicts
 

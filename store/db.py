@@ -150,7 +150,8 @@ class Store:
         try:
             current = current_revision(self.engine)
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the store at {redact_url(self.url)}: {exc.__class__.__name__}: {exc}") from exc
+            where = redact_url(self.url)
+            raise StoreError(f"cannot open the store at {where}: {exc.__class__.__name__}: {exc}") from exc
         if current is None:
             log.info("empty store at %s: creating the schema", redact_url(self.url))
             upgrade(self.engine)

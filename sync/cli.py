@@ -17,10 +17,11 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import select
 
 from connectors.registry import connector_plugins, connector_types
 from rules.engine import RuleOutcome, RulesEngine, build_rules
-from rules.registry import rule_types
+from rules.registry import rule_plugins, rule_types
 from store import db as store_db
 from store.canonical import Status
 from store.db import Store
@@ -28,16 +29,20 @@ from store.durations import parse_duration
 from store.errors import ConfigError, TrackloopError
 from store.findings import finding_json, open_findings
 from store.findings import snooze as snooze_finding
-from store.models import TaskEvent
+from store.models import OutboxAction, TaskEvent
+from store.outbox import action_json, retry_failed
 from store.queries import TaskFilter, find_task, list_tasks, task_json
 from store.sync_state import all_states, failures_of
 from sync.config import AppConfig, config_schema, load_config, parse_address
+from sync.delivery import DeliveryReport
+from sync.digests import render_html, render_markdown, render_text
 from sync.engine import SyncResult, build_connector
 from sync.logs import REDACT, setup_logging
+from sync.notify import Plan
 from sync.pipeline import CycleReport, Pipeline
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,13 +52,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 config_app = typer.Typer(help="Check and describe the configuration file.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the store's schema.", no_args_is_help=True)
 rules_app = typer.Typer(help="Run and inspect the rules that flag tasks.", no_args_is_help=True)
+outbox_app = typer.Typer(help="Actions queued for delivery: list them, retry failed ones.")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(rules_app, name="rules")
+app.add_typer(outbox_app, name="outbox")
 
 EXIT_CONNECTOR_FAILED = 1
 EXIT_CONFIG = 2
@@ -219,11 +227,11 @@ def db_upgrade() -> None:
 @app.command()
 @guarded
 def doctor() -> None:
-    """List installed connector types and check each configured connector with one cheap call."""
-    plugins = connector_plugins()
-    print_table("connector types", ["type", "class", "distribution", "version"],
-                [[p.name, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
-                 for p in plugins.values()])
+    """List installed plugins (connector types, rules) and check each configured connector with one cheap call."""
+    plugins = [("connector", p) for p in connector_plugins().values()] + [("rule", p) for p in rule_plugins().values()]
+    print_table("plugins", ["name", "kind", "class", "distribution", "version"],
+                [[p.name, kind, f"{p.cls.__module__}.{p.cls.__name__}", p.distribution, p.version]
+                 for kind, p in plugins])
     config = load()
     types = connector_types()
     rows, failed = [], False
@@ -250,21 +258,125 @@ def sync(
         list[str] | None, typer.Option("--connector", help="Only this connector (repeatable).")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-list everything and cancel what is gone.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Pull and report; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Do everything, print the actions it would take, write nothing.")
+    ] = False,
 ) -> None:
-    """Pull every enabled connector (or the named ones) into the store."""
+    """Pull connectors into the store, run the rules, then queue and deliver follow-ups ([notify])."""
     config = load()
     for name in connector or []:
         if name not in config.connectors:
             raise ConfigError([_unknown_connector(config, name)])
     with opened(config) as store:
         report = _run_sync(store, config, connector, full=full, dry_run=dry_run)
+        delivered = None if dry_run else Pipeline(store, config, connector_types()).deliver_outbox()
     _print_results(report.syncs, dry_run=dry_run)
     if report.rules:
         err.print(_rules_summary(report.rules), markup=False)
-    results = report.syncs
-    if any(not r.ok for r in results):
+    _print_plan(report.plan, dry_run=dry_run, delivered=delivered)
+    if any(not r.ok for r in report.syncs):
         raise typer.Exit(EXIT_CONNECTOR_FAILED)
+
+
+def _print_plan(plan: Plan | None, *, dry_run: bool, delivered: DeliveryReport | None) -> None:
+    if plan is None:
+        err.print("notify: no [notify] table, so nothing is posted (observing only)", markup=False)
+        return
+    if plan.paused:
+        err.print(f"notify: paused: {plan.paused}", markup=False)
+    if dry_run:
+        print_table("actions it would take", ["key", "via", "kind", "target", "text"],
+                    [[p.action.key, p.action.connector, p.action.kind, p.action.target or p.ref,
+                      p.action.text] for p in plan.actions])
+    for reason, count in sorted(plan.skipped.items()):
+        err.print(f"notify: {count} follow-up(s) skipped: {reason}", markup=False)
+    summary = f"notify: {len(plan.actions)} {'would be ' if dry_run else ''}queued"
+    if plan.held_back:
+        summary += f", {plan.held_back} held back by caps (they go first next run)"
+    if delivered is not None:
+        summary += (f"; delivered {delivered.sent}, found already delivered {delivered.already_delivered}, "
+                    f"retrying {delivered.retrying}, failed {delivered.failed}")
+    err.print(summary, markup=False)
+
+
+@app.command()
+@guarded
+def notify(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be sent; change nothing.")] = False,
+) -> None:
+    """Queue follow-ups for open findings and deliver due ones (without pulling)."""
+    config = load()
+    with opened(config) as store:
+        pipeline = Pipeline(store, config, connector_types())
+        plan = pipeline.plan_followups(dry_run=dry_run)
+        delivered = None if dry_run or plan is None else pipeline.deliver_outbox()
+    _print_plan(plan, dry_run=dry_run, delivered=delivered)
+
+
+@outbox_app.callback(invoke_without_command=True)
+@guarded
+def outbox(
+    ctx: typer.Context,
+    show_all: Annotated[bool, typer.Option("--all", help="Include sent actions.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (see README).")] = False,
+) -> None:
+    """List queued and failed actions (with --all, sent ones too)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = load()
+    with opened(config) as store, store.transaction() as session:
+        stmt = select(OutboxAction).order_by(OutboxAction.id)
+        if not show_all:
+            stmt = stmt.where(OutboxAction.status != "sent")
+        docs = [action_json(row) for row in session.scalars(stmt)]
+    if as_json:
+        print_json(docs)
+        return
+    print_table(f"outbox ({len(docs)})", ["key", "via", "status", "attempts", "last error"],
+                [[d["key"], d["connector"], d["status"], str(d["attempts"]), d["last_error"] or ""] for d in docs])
+
+
+@outbox_app.command("retry")
+@guarded
+def outbox_retry(
+    keys: Annotated[list[str] | None, typer.Argument(help="Keys to retry (default: every failed action).")] = None,
+) -> None:
+    """Put failed actions back in the queue and deliver them now."""
+    config = load()
+    with opened(config) as store:
+        with store.transaction() as session:
+            count = retry_failed(session, datetime.now(UTC), keys or [])
+        delivered = Pipeline(store, config, connector_types()).deliver_outbox(limit=max(count, 1))
+    err.print(f"outbox: {count} requeued; delivered {delivered.sent}, found already delivered "
+              f"{delivered.already_delivered}, retrying {delivered.retrying}, failed {delivered.failed}", markup=False)
+
+
+@app.command()
+@guarded
+def digest(
+    name: Annotated[str, typer.Argument(help="A [digests.NAME] from the config.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write Markdown (.md) or HTML (.html).")] = None,
+    send: Annotated[bool, typer.Option("--send", help="Deliver it (once per scheduled slot).")] = False,
+) -> None:
+    """Show a lead digest (terminal), write it to a file, or send it."""
+    config = load()
+    if name not in config.digests:
+        known = ", ".join(config.digests) or "none configured"
+        raise UsageError(f"no digest {name!r} (configured: {known})")
+    with opened(config) as store:
+        pipeline = Pipeline(store, config, connector_types())
+        run = pipeline.send_digest(name) if send else pipeline.digest(name)
+    if out_file is not None:
+        as_html = out_file.suffix.lower() in (".html", ".htm")
+        text = render_html(run.content) if as_html else render_markdown(run.content)
+        out_file.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out_file}", markup=False)
+    elif not send:
+        print(render_text(run.content), end="")
+    if send:
+        err.print(f"digest {name}: {len(run.actions)} deliveries queued for slot {run.slot.isoformat()}", markup=False)
+    for missed in run.missed:
+        err.print(f"digest {name}: cannot reach {missed}", markup=False)
 
 
 def _unknown_connector(config: AppConfig, name: str) -> Any:
@@ -302,8 +414,8 @@ def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
                      REDACT(r.error or r.note or "")])
     if dry_run:
         err.print("dry run: nothing was written", markup=False)
-    print_table("sync (dry run)" if dry_run else "sync", ["connector", "type", "result", "new", "changed", "unchanged", "cancelled",
-                        "requests", "time", "detail"], rows)
+    columns = ["connector", "type", "result", "new", "changed", "unchanged", "cancelled", "requests", "time", "detail"]
+    print_table("sync (dry run)" if dry_run else "sync", columns, rows)
     for r in results:
         if not r.ok:
             err.print(f"error: {r.connector}: {REDACT(r.error or '')}", markup=False)
@@ -508,7 +620,7 @@ def run(
     try:
         report = daemon.run()
     except AlreadyRunning as exc:
-        err.print(f"error: {REDACT(str(exc))}", markup=False, soft_wrap=True)
+        err.print(f"error: {REDACT(str(exc))}", markup=False)
         raise typer.Exit(EXIT_ALREADY_RUNNING) from None
     if report.abandoned:  # threads stuck in a request: do not wait for them
         logging.shutdown()
@@ -525,8 +637,15 @@ def demo(
     """Seed a small team offline, run the whole pipeline and show the result (no config needed)."""
     from sync.demo import run_demo
 
-    docs = run_demo(path)
-    render_tasks(docs, title=f"demo tasks in {path}")
+    result = run_demo(path)
+    render_tasks(result.tasks, title=f"demo tasks in {path}")
+    print()
+    render_flags(result.flags, title="what needs follow-up")
+    print()
+    print_table(f"Slack DMs it would send ({len(result.dms)})", ["to", "message"],
+                [[person, text.replace(chr(10), " / ")] for person, text in result.dms])
+    print()
+    print(result.digest, end="")
 
 
 def main() -> None:

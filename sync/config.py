@@ -19,12 +19,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
+from connectors.smtp import SmtpConfig
 from rules.base import Rule, RuleConfig
 from rules.registry import rule_types as rule_types_of
 from store.canonical import IdentityKind
 from store.durations import Duration
 from store.errors import ConfigError, ConfigProblem
 from store.people import PersonSpec
+from sync.digests import DigestConfig
+from sync.notify import NotifyConfig
 
 ENV_PREFIX = "TRACKLOOP_"
 _ENV_REF = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
@@ -84,6 +87,10 @@ class DaemonConfig(BaseModel):
         timedelta(minutes=5),
         description="Rules run after every sync that changed something, and at least this often.",
     )
+    outbox_interval: Duration = Field(
+        timedelta(seconds=10),
+        description="How often the outbox is checked for due actions (also right after follow-ups are planned).",
+    )
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig, description="Webhook secrets.")
 
     @field_validator("http")
@@ -141,8 +148,13 @@ class TopLevel(BaseModel):
         default_factory=dict, description="Sources by name; the name becomes each task's `source`."
     )
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Rule settings by rule id.")
-    notify: dict[str, Any] = Field(default_factory=dict, description="Push-back policy.")
-    digests: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Lead digests by name.")
+    notify: NotifyConfig | None = Field(
+        None, description="Push-back policy; without this table nothing is ever posted, only observed."
+    )
+    digests: dict[str, DigestConfig] = Field(default_factory=dict, description="Lead digests by name.")
+    smtp: SmtpConfig | None = Field(
+        None, description="Outgoing mail (email replies, digests); connectors with an `smtp` key inherit it."
+    )
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="`trackloop run`: HTTP, webhooks.")
 
 
@@ -155,8 +167,9 @@ class AppConfig(BaseModel):
     people: dict[str, PersonConfig] = Field(default_factory=dict)
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
     rules: dict[str, RuleConfig] = Field(default_factory=dict)
-    notify: dict[str, Any] = Field(default_factory=dict)
-    digests: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    notify: NotifyConfig | None = None
+    digests: dict[str, DigestConfig] = Field(default_factory=dict)
+    smtp: SmtpConfig | None = None
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     def secrets(self) -> list[str]:
@@ -304,12 +317,16 @@ def parse_config(
                 ConfigProblem(file, format_path((*path, "type")), f"unknown connector type {kind!r} (known: {known})")
             )
             continue
+        if top.smtp is not None and "smtp" in cls.config_model.model_fields and "smtp" not in section:
+            section = {**section, "smtp": top.smtp}  # the shared [smtp] table, unless the section has its own
         try:
             connectors[name] = cls.config_model.model_validate(section)
         except ValidationError as exc:
             problems.extend(_problems_from(exc, file, path))
 
     rules = _rules(top.rules, file, problems, rule_types_of(rule_types))
+
+    problems += _cross_references(top, connectors, set(rule_types_of(rule_types)), file)
 
     for key in top.people:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", key):
@@ -325,6 +342,7 @@ def parse_config(
         rules=rules,
         notify=top.notify,
         digests=top.digests,
+        smtp=top.smtp,
         daemon=top.daemon,
     )
 
@@ -347,6 +365,43 @@ def _rules(
         except ValidationError as exc:
             problems.extend(_problems_from(exc, file, ("rules", rule_id)))
     return out
+
+
+def _cross_references(
+    top: TopLevel, connectors: dict[str, ConnectorConfig], rule_ids: set[str], file: str
+) -> list[ConfigProblem]:
+    """Names that [notify] and [digests] use must exist elsewhere in the file."""
+    problems: list[ConfigProblem] = []
+
+    def connector_of(path: str, name: str | None, kind: str) -> None:
+        if name is None:
+            return
+        found = connectors.get(name)
+        if found is None:
+            problems.append(ConfigProblem(file, path, f"no connector named {name!r}"))
+        elif found.type != kind:
+            problems.append(ConfigProblem(file, path, f"connector {name!r} is a {found.type} connector, not {kind}"))
+
+    if top.notify is not None:
+        n = top.notify
+        for key in ("comment_on_source", "dm_owner"):
+            for i, rule in enumerate(getattr(n, key)):
+                if rule not in rule_ids:
+                    problems.append(ConfigProblem(file, f"notify.{key}[{i}]", f"unknown rule {rule!r}"))
+        connector_of("notify.dm_connector", n.dm_connector, "slack")
+        if n.triage_channel is not None:
+            connector_of("notify.triage_channel.connector", n.triage_channel.connector, "slack")
+        if n.verifier is not None and n.verifier not in top.people:
+            problems.append(ConfigProblem(file, "notify.verifier", f"no person {n.verifier!r} in [people]"))
+    for name, digest in top.digests.items():
+        connector_of(f"digests.{name}.slack_connector", digest.slack_connector, "slack")
+        connector_of(f"digests.{name}.email_connector", digest.email_connector, "imap")
+        for i, recipient in enumerate(digest.to):
+            channel = recipient.startswith("#") or recipient[:1] in ("C", "G") and recipient.isupper()
+            if not channel and recipient not in top.people:
+                problems.append(ConfigProblem(file, f"digests.{name}.to[{i}]",
+                                              f"expected a person key or a Slack channel, got {recipient!r}"))
+    return problems
 
 
 def load_config(

@@ -7,14 +7,19 @@ threads, at most `daemon.workers` connector syncs at a time:
   sync); after a failure it waits `interval`, doubling per consecutive failure up to
   `daemon.max_backoff`, so a source that is down is not hammered and others go on;
 - the rules run after every sync that changed something, and at least every
-  `daemon.rules_interval` (time alone makes tasks overdue or stale);
+  `daemon.rules_interval` (time alone makes tasks overdue or stale); the follow-ups `[notify]`
+  asks for are planned right after;
+- the outbox worker delivers due actions every `daemon.outbox_interval` and right after a plan
+  queued some; digests go out when their cron `schedule` reaches a new slot (checked every 30 s);
 - webhooks ask for a connector's sync now instead of at its next turn.
 
 Replicas share the work through leases on the `sync_state` rows (see `store.sync_state`): a
 replica claims a due connector, renews the claim every third of `daemon.lease` while it works,
 and every page it commits checks that the claim is still its own. A replica that dies is
 replaced once its lease expires, and the next one resumes from the cursor saved with the last
-committed page. On SQLite one replica runs: a lock file next to the database (an `fcntl`
+committed page. Outbox actions are claimed the same way (`store.outbox.claim_due`, leased for
+`daemon.lease`), and the connectors' own markers make a delivery repeated after a crash find the
+first one instead of posting twice. On SQLite one replica runs: a lock file next to the database (an `fcntl`
 lock, which the kernel drops when the holder dies, `kill -9` included) refuses a second one.
 
 SIGTERM and SIGINT stop taking work; the syncs running finish the page they are on (each page
@@ -40,13 +45,14 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from connectors.base import Connector
 from store.db import Store
 from store.errors import ConfigError, StoreError, TrackloopError
 from store.locks import exclusive
+from store.outbox import release_claims
 from store.sync_state import Schedule, check_lease, claim, ensure_states, release, release_all, renew, schedules
 from sync.config import AppConfig, parse_address
 from sync.engine import SyncResult
@@ -62,6 +68,8 @@ Clock = Callable[[], datetime]
 
 SHUTDOWN_GRACE = 8.0  # seconds the running work gets after SIGTERM; the process is gone within 10 s
 MAX_SLEEP = 5.0  # the loop looks at the store at least this often (other replicas change it)
+DIGEST_CHECK = 30.0  # seconds between looks at the digests' schedules (cron has minutes)
+OUTBOX_BATCH = 20  # actions claimed at a time; a stop waits for at most one batch
 STORE_RETRY = 2.0  # seconds between attempts while the store is unreachable
 
 
@@ -169,7 +177,7 @@ class _Lease:
 
 @dataclass(slots=True)
 class _Periodic:
-    """A job that runs on its own thread now and then (rules; later the outbox and digests)."""
+    """A job that runs on its own thread now and then: rules, the outbox, digests."""
 
     name: str
     last: float | None = None  # time.monotonic() of the last start
@@ -225,6 +233,8 @@ class Daemon:
         self.syncing: dict[str, _Job] = {}
         self.wanted: dict[str, datetime] = {}  # connector -> when a webhook asked for a sync
         self.rules = _Periodic("rules")
+        self.outbox = _Periodic("outbox")
+        self.digests = _Periodic("digests")
         self._last_renewal = 0.0
         self._store_down_since: float | None = None
 
@@ -251,8 +261,9 @@ class Daemon:
                 # Leases under this worker id are a previous incarnation's; on SQLite, every
                 # lease is (this process holds the store's only lock).
                 dropped = release_all(session, None if self.store_lock is not None else self.worker)
+                dropped += release_claims(session, None if self.store_lock is not None else self.worker)
             if dropped:
-                log.info("dropped %d leases left by a previous run", dropped)
+                log.info("dropped %d leases and claims left by a previous run", dropped)
             self.metrics.connectors(self.config.connectors)
             if self.http_address:
                 host, port = parse_address(self.http_address)
@@ -312,8 +323,7 @@ class Daemon:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self.report.abandoned = sorted(j.name for j in self.syncing.values())
-        if self.rules.running:
-            self.report.abandoned.append("rules")
+        self.report.abandoned += [job.name for job in self._periodic() if job.running]
         if self.report.abandoned:
             log.warning("exiting with work unfinished after %.0fs: %s (its leases expire; it resumes next run)",
                         grace, ", ".join(self.report.abandoned))
@@ -332,9 +342,10 @@ class Daemon:
     def _threads(self) -> list[threading.Thread]:
         with self._lock:
             threads = [j.thread for j in self.syncing.values() if j.thread is not None]
-        if self.rules.thread is not None:
-            threads.append(self.rules.thread)
-        return threads
+        return threads + [job.thread for job in self._periodic() if job.thread is not None]
+
+    def _periodic(self) -> list[_Periodic]:
+        return [self.rules, self.outbox, self.digests]
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait for the work running now (tests)."""
@@ -344,7 +355,8 @@ class Daemon:
 
     # -- configuration -------------------------------------------------------------------------
     def _pipeline(self, config: AppConfig) -> Pipeline:
-        return Pipeline(self.store, config, self.types, clock=self.clock)
+        return Pipeline(self.store, config, self.types, clock=self.clock, worker=self.worker,
+                        claim_lease=config.daemon.lease)
 
     def reload(self) -> bool:
         """Re-read the config (SIGHUP); a bad one is logged and the running config kept."""
@@ -437,7 +449,11 @@ class Daemon:
                                 due=lambda s: self._is_due(s, now))
             for name in claimed:
                 self._start_sync(name)
-        self._maybe_rules()
+        daemon = config.daemon
+        self._maybe(self.rules, daemon.rules_interval.total_seconds(), self._run_rules)
+        self._maybe(self.outbox, daemon.outbox_interval.total_seconds(), self._run_outbox)
+        if config.digests:
+            self._maybe(self.digests, DIGEST_CHECK, self._run_digests)
         return max(0.05, min(MAX_SLEEP, (wake - now).total_seconds()))
 
     def _due(self, name: str, state: Schedule | None, interval: timedelta, now: datetime) -> datetime | None:
@@ -521,36 +537,77 @@ class Daemon:
                 self.metrics.leases_held.set(len(self.syncing))
             self.wake.set()
 
-    def _maybe_rules(self) -> None:
-        rules = self.rules
-        if rules.running or self.stopping.is_set():
+    def _maybe(self, job: _Periodic, every: float, target: Callable[[], None]) -> None:
+        if job.running or self.stopping.is_set():
             return
-        every = self.config.daemon.rules_interval.total_seconds()
-        if not (rules.wanted or rules.last is None or time.monotonic() - rules.last >= every):
+        if not (job.wanted or job.last is None or time.monotonic() - job.last >= every):
             return
-        rules.wanted, rules.last = False, time.monotonic()
-        rules.thread = threading.Thread(target=self._run_rules, name="rules", daemon=True)
-        rules.thread.start()
+        job.wanted, job.last = False, time.monotonic()
+        job.thread = threading.Thread(target=self._periodic_run, args=(job, target), name=job.name, daemon=True)
+        job.thread.start()
+
+    def _periodic_run(self, job: _Periodic, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except Exception as exc:  # the store went away, or a bug: log it, the next turn retries
+            if job is self.rules:
+                self.metrics.rules_errors.inc()
+            log.error("%s: %s: %s", job.name, exc.__class__.__name__, REDACT(str(exc).splitlines()[0]),
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self.wake.set()
 
     def _run_rules(self) -> None:
+        """Evaluate the rules, then queue the follow-ups they call for."""
         pipeline = self.pipeline
         assert pipeline is not None
         started = time.monotonic()
         try:
             outcomes = pipeline.run_rules()
-        except Exception as exc:
-            self.metrics.rules_errors.inc()
-            log.error("rules: %s: %s", exc.__class__.__name__, REDACT(str(exc).splitlines()[0]),
-                      exc_info=log.isEnabledFor(logging.DEBUG))
-            return
         finally:
             self.metrics.rules_duration.observe(time.monotonic() - started)
-            self.wake.set()
+        seconds = time.monotonic() - started
         flagged = sum(o.flagged for o in outcomes)
         log.info("rules: %d open findings (%d new, %d resolved) in %.2fs", flagged,
-                 sum(o.stats.opened for o in outcomes), sum(o.stats.resolved for o in outcomes),
-                 time.monotonic() - started,
-                 extra={"fields": {"event": "rules", "flagged": flagged, "seconds": time.monotonic() - started}})
+                 sum(o.stats.opened for o in outcomes), sum(o.stats.resolved for o in outcomes), seconds,
+                 extra={"fields": {"event": "rules", "flagged": flagged, "seconds": round(seconds, 3)}})
+        plan = pipeline.plan_followups()
+        if plan is not None and plan.actions:
+            self.outbox.wanted = True
+
+    def _run_outbox(self) -> None:
+        """Deliver due actions, a batch at a time, until none is due or the daemon stops."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        while not self.stopping.is_set():
+            report = pipeline.deliver_outbox(limit=OUTBOX_BATCH)
+            for result in ("sent", "already_delivered", "retrying", "failed"):
+                if getattr(report, result):
+                    self.metrics.outbox_delivered.labels(result).inc(getattr(report, result))
+            handled = report.sent + report.already_delivered + report.retrying + report.failed
+            if handled:
+                log.info("outbox: %d sent, %d found already delivered, %d to retry, %d failed", report.sent,
+                         report.already_delivered, report.retrying, report.failed,
+                         extra={"fields": {"event": "outbox", "sent": report.sent, "failed": report.failed,
+                                           "already_delivered": report.already_delivered,
+                                           "retrying": report.retrying}})
+            if handled < OUTBOX_BATCH:
+                return
+
+    def _run_digests(self) -> None:
+        """Send each digest whose schedule reached a slot not sent yet."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        try:
+            runs = pipeline.send_due_digests()
+        except IntegrityError:  # another replica queued the same slot at the same moment
+            log.info("digests: another replica is sending this slot")
+            return
+        for run in runs:
+            if run.actions:
+                self.metrics.digests_sent.inc()
+                log.info("digest %s sent for %s to %d recipients", run.name, run.slot.isoformat(), len(run.actions),
+                         extra={"fields": {"event": "digest", "digest": run.name, "slot": run.slot.isoformat()}})
 
     # -- health and webhooks -------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -124,28 +124,47 @@ class SyncEngine:
     def apply_people(self, session: Session) -> None:
         sync_people(session, (p.spec(key) for key, p in self.config.people.items()))
 
+    def _names(self, only: Iterable[str] | None) -> list[str]:
+        return list(only) if only is not None else [n for n, c in self.config.connectors.items() if c.enabled]
+
     def run(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> list[SyncResult]:
-        """Sync the named (default: every enabled) connector; one failure never stops the rest."""
-        names = list(only) if only is not None else [n for n, c in self.config.connectors.items() if c.enabled]
-        if not dry_run:
-            with self.store.transaction() as session:
-                self.apply_people(session)
-        return [self.sync_one(name, full=full, dry_run=dry_run) for name in names]
+        """Sync the named (default: every enabled) connector; one failure never stops the rest.
+
+        A dry run does everything inside one transaction that is then rolled back."""
+        if dry_run:
+            results: list[SyncResult] = []
+            try:
+                with self.store.transaction() as session:
+                    results = self.run_in(session, only, full=full)
+                    raise _DryRun
+            except _DryRun:
+                return results
+        with self.store.transaction() as session:
+            self.apply_people(session)
+        return [self.sync_one(name, full=full) for name in self._names(only)]
+
+    def run_in(self, session: Session, only: Iterable[str] | None = None, *, full: bool = False) -> list[SyncResult]:
+        """Pull into the caller's transaction (dry runs): nothing is committed here, no state recorded."""
+        self.apply_people(session)
+        return [self.sync_one(name, full=full, session=session) for name in self._names(only)]
 
     def sync_one(
-        self, name: str, *, full: bool = False, dry_run: bool = False, control: SyncControl | None = None
+        self, name: str, *, full: bool = False, session: Session | None = None, control: SyncControl | None = None
     ) -> SyncResult:
-        """Pull one connector. Under a `control` (the daemon's lease), a lost lease or a stop
-        request ends the pull after the last committed page and records no outcome."""
+        """Pull one connector, committing page by page (or into `session`, committing nothing).
+
+        Under a `control` (the daemon's lease), a lost lease or a stop request ends the pull
+        after the last committed page and records no outcome."""
         kind = self.config.connectors[name].type
         result = SyncResult(connector=name, kind=kind)
         started = time.monotonic()
         connector = self.build(name)
         result.requests = connector.stats
-        record = not dry_run
+        record = session is None
         try:
-            if dry_run:
-                self._dry_run(connector, result, full)
+            if session is not None:
+                state = self._state(session, connector, full)
+                self._consume(connector, state, result, transaction=lambda: nullcontext(session))
             else:
                 self._pull(connector, result, full, control)
         except _Interrupted:
@@ -193,17 +212,6 @@ class SyncEngine:
             state = self._state(session, connector, full)
             record_attempt(session, connector.name, connector.kind, self.clock())
         self._consume(connector, state, result, transaction=self.store.transaction, control=control)
-
-    def _dry_run(self, connector: Connector, result: SyncResult, full: bool) -> None:  # type: ignore[type-arg]
-        """Everything a real sync does, inside one transaction that is then rolled back."""
-        try:
-            with self.store.transaction() as session:
-                self.apply_people(session)
-                state = self._state(session, connector, full)
-                self._consume(connector, state, result, transaction=lambda: nullcontext(session))
-                raise _DryRun
-        except _DryRun:
-            pass
 
     def _consume(
         self,

@@ -42,7 +42,8 @@ columns = { title = "Task", status = "Status", owner = "Owner", due = "Due" }
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     write_config(tmp_path, GOOD)
-    (tmp_path / "tasks.csv").write_text(HEADER + "1,Renew cert,doing,alice,2026-12-01\n2,Old,done,,\n3,Free,todo,team,\n")
+    rows = "1,Renew cert,doing,alice,2026-12-01\n2,Old,done,,\n3,Free,todo,team,\n"
+    (tmp_path / "tasks.csv").write_text(HEADER + rows)
     return tmp_path
 
 
@@ -142,7 +143,8 @@ def test_config_schema_is_json(tmp_path: Path) -> None:
 def test_doctor_lists_plugins_and_checks(project: Path) -> None:
     proc = run("doctor", cwd=project)
     assert proc.returncode == 0, proc.stderr
-    assert "csv" in proc.stdout and "connectors.csv.CsvConnector" in proc.stdout
+    assert "csv\tconnector\tconnectors.csv.CsvConnector\ttrackloop" in proc.stdout
+    assert "stale_status\trule\trules.stale_status.StaleStatus\ttrackloop" in proc.stdout
     assert "sheet\tcsv\tok" in proc.stdout
 
 
@@ -159,3 +161,7 @@ def test_demo_prints_a_real_table(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].split("\t")[:3] == ["task", "title", "status"]
     assert any(line.startswith("sheet:OPS-101\tRenew the wildcard TLS certificate") for line in lines)
+    assert "task\trule\tseverity\tact\tmessage" in lines  # the findings
+    assert any(line.startswith("sheet:OPS-106\toverdue\twarning\tcarol\toverdue by 5 days") for line in lines)
+    assert "to\tmessage" in lines and any(line.startswith("carol\tsheet:OPS-106") for line in lines)  # DMs
+    assert any(line.startswith("trackloop digest “leads”") for line in lines) and "Overdue: 4" in lines

@@ -70,7 +70,8 @@ def test_env_interpolation_and_escape() -> None:
 
 
 def test_missing_env_var_is_named() -> None:
-    assert problems({"store": {"url": "${NOPE}"}}) == ["trackloop.toml: store.url: environment variable NOPE is not set"]
+    expected = ["trackloop.toml: store.url: environment variable NOPE is not set"]
+    assert problems({"store": {"url": "${NOPE}"}}) == expected
 
 
 def test_env_overrides_by_key_path() -> None:

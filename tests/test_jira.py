@@ -1052,7 +1052,7 @@ def test_push_refuses_what_it_cannot_deliver(cloud: JiraStandin) -> None:
 def test_demo_jira_source_syncs_the_team(tmp_path: Any) -> None:
     from sync.demo import run_demo
 
-    rows = {t["external_id"]: t for t in run_demo(tmp_path / "demo.db") if t["kind"] == "jira"}
+    rows = {t["external_id"]: t for t in run_demo(tmp_path / "demo.db").tasks if t["kind"] == "jira"}
 
     assert sorted(rows) == [f"MIG-{n}" for n in range(1, 8)]
     assert (rows["MIG-1"]["owner"], rows["MIG-1"]["status"]) == ("bob", "in_progress")

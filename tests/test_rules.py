@@ -297,3 +297,55 @@ def test_every_rule_honours_source_scope(store: Store, rule_id: str) -> None:
     put(store, task("x", assignees=(), due=date(2026, 10, 1), body="", acceptance_criteria=None,
                     priority=Priority.HIGH))
     assert run(store, rule_id, sources=["nowhere"]) == {}
+
+
+# -- every rule: an exempt label keeps it quiet, and fixing the task resolves the finding --------
+FIRING: dict[str, tuple[dict, dict]] = {
+    # rule: (record that fires, changes that clear it)
+    "missing_owner": (dict(assignees=()), dict()),
+    "stale_status": (dict(status=Status.IN_PROGRESS, updated_at=NOW - timedelta(days=9)),
+                     dict(status=Status.IN_PROGRESS, updated_at=NOW - timedelta(minutes=1))),
+    "overdue": (dict(due=date(2026, 10, 20)), dict(due=date(2026, 12, 20))),
+    "due_soon": (dict(due=date(2026, 11, 3), updated_at=NOW - timedelta(days=3)),
+                 dict(due=date(2026, 11, 3), updated_at=NOW - timedelta(minutes=5))),
+    "no_due_date": (dict(priority=Priority.HIGH), dict(priority=Priority.HIGH, due=date(2026, 12, 1))),
+    "missing_context": (dict(body="fix", acceptance_criteria=None),
+                        dict(body="fix", acceptance_criteria="done when X")),
+    "done_unverified": (dict(status=Status.DONE, status_changed_at=NOW - timedelta(days=4)),
+                        dict(status=Status.DONE, status_changed_at=NOW - timedelta(days=4), verified=True)),
+    "at_risk": (dict(due=date(2026, 11, 4), remaining_estimate_s=10 * 8 * 3600),
+                dict(due=date(2026, 11, 30), remaining_estimate_s=10 * 8 * 3600)),
+}
+
+
+@pytest.mark.parametrize("rule_id", sorted(FIRING))
+def test_exempt_label_and_resolve_path(store: Store, rule_id: str) -> None:
+    fires, clears = FIRING[rule_id]
+    put(store, task("t", **fires), task("held", labels=("On-Hold",), **fires), now=NOW - timedelta(days=10))
+    assert set(run(store, rule_id)) == {"t"}
+    put(store, task("t", **clears, title="fixed"), now=NOW)
+    assert run(store, rule_id) == {}
+    with store.transaction() as s:
+        assert s.scalar(select(Finding.status).where(Finding.rule == rule_id)) == "resolved"
+
+
+def test_dependency_at_risk_exempt_and_resolve(store: Store) -> None:
+    put(store, task("top", due=date(2026, 12, 20)), task("late", due=date(2026, 10, 28), links=blocks("top")),
+        task("paused", due=date(2026, 12, 20), labels=("wontfix",)),
+        task("late2", due=date(2026, 10, 28), links=blocks("paused")))
+    assert set(run(store, "dependency_at_risk")) == {"top"}
+    put(store, task("late", due=date(2026, 10, 28), links=blocks("top"), status=Status.DONE))
+    assert run(store, "dependency_at_risk") == {}
+
+
+def test_parent_is_kept_fresh_by_active_children_not_the_reverse(store: Store) -> None:
+    long_ago = NOW - timedelta(days=20)
+    put(store, task("parent", status=Status.IN_PROGRESS, updated_at=long_ago),
+        task("child", status=Status.IN_PROGRESS, updated_at=long_ago), now=long_ago)
+    to_parent = (LinkRecord(LinkKind.PARENT, TaskRef("parent")),)
+    put(store, task("kid", updated_at=NOW - timedelta(hours=1), links=to_parent),
+        task("child", status=Status.IN_PROGRESS, updated_at=long_ago,
+             links=(LinkRecord(LinkKind.PARENT, TaskRef("busy-parent")),)),
+        task("busy-parent", updated_at=NOW - timedelta(hours=1)))
+    found = run(store, "stale_status")
+    assert "parent" not in found and "child" in found

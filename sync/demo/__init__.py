@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -20,28 +21,48 @@ from typing import Any
 from connectors.registry import connector_types
 from store.db import Store
 from store.errors import TrackloopError
+from store.findings import finding_json, open_findings
 from store.queries import TaskFilter, list_tasks, task_json
 from sync.config import AppConfig, parse_config
-from sync.demo import github, jira, sheet, slack
+from sync.demo import github, imap, jira, sheet, slack
+from sync.digests import render_text
 
 PEOPLE: dict[str, dict[str, Any]] = {
-    "alice": {"name": "Alice Kim", "email": "alice@example.com", "github": "alice-kim", "lead": True},
-    "bob": {"name": "Bob Otieno", "email": "bob@example.com", "github": "bob-otieno"},
-    "carol": {"name": "Carol Diaz", "email": "carol@example.com", "github": "carol-diaz"},
-    "dan": {"name": "Dan Weber", "email": "dan@example.com", "github": "dan-weber"},
+    "alice": {"name": "Alice Kim", "email": "alice@example.com", "github": "alice-kim", "slack": slack.ALICE,
+              "lead": True},
+    "bob": {"name": "Bob Otieno", "email": "bob@example.com", "github": "bob-otieno", "slack": slack.BOB},
+    "carol": {"name": "Carol Diaz", "email": "carol@example.com", "github": "carol-diaz", "slack": slack.CAROL},
+    "dan": {"name": "Dan Weber", "email": "dan@example.com", "github": "dan-weber", "slack": slack.DAN},
 }
 
-SOURCES = [sheet, github, jira, slack]
+SOURCES = [sheet, github, jira, slack, imap]
+
+# The follow-up policy a team might start with: comments where the work lives, DMs for what is
+# slipping, and a morning digest for the lead. The demo only prints what it would send.
+NOTIFY: dict[str, Any] = {
+    "comment_on_source": ["missing_owner", "overdue", "done_unverified"],
+    "dm_owner": ["stale_status", "overdue", "due_soon", "dependency_at_risk"],
+}
+DIGESTS: dict[str, Any] = {"leads": {"to": ["alice"], "schedule": "0 9 * * mon-fri"}}
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    tasks: list[dict[str, Any]]
+    flags: list[dict[str, Any]]
+    dms: list[tuple[str, str]]  # (person, text) of the DMs it would send
+    digest: str
 
 
 def demo_config(db_path: Path, connectors: dict[str, dict[str, Any]]) -> AppConfig:
-    data = {"store": {"url": f"sqlite:///{db_path}"}, "people": PEOPLE, "connectors": connectors}
+    data = {"store": {"url": f"sqlite:///{db_path}"}, "people": PEOPLE, "connectors": connectors,
+            "notify": NOTIFY, "digests": DIGESTS}
     return parse_config(data, file="(demo)", env={}, connector_types=connector_types())
 
 
-def run_demo(db_path: Path) -> list[dict[str, Any]]:
-    """Build the demo store from scratch and return every task as `tasks --json` objects."""
-    from sync.engine import SyncEngine
+def run_demo(db_path: Path) -> DemoResult:
+    """Build the demo store from scratch: pull every source, run the rules, plan follow-ups (dry)."""
+    from sync.pipeline import Pipeline
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
@@ -52,9 +73,17 @@ def run_demo(db_path: Path) -> list[dict[str, Any]]:
         config = demo_config(db_path, connectors)
         store = Store(config.store.url)
         stack.callback(store.close)
-        results = SyncEngine(store, config, connector_types()).run()
-        failed = [r for r in results if not r.ok]
+        pipeline = Pipeline(store, config, connector_types())
+        report = pipeline.engine.run()
+        failed = [r for r in report if not r.ok]
         if failed:
             raise TrackloopError(f"demo sync failed: {failed[0].connector}: {failed[0].error}")
+        pipeline.run_rules()
+        plan = pipeline.plan_followups(dry_run=True)
+        dms = [(p.action.payload.get("person", p.action.target or ""), p.action.text)
+               for p in (plan.actions if plan else []) if p.action.kind == "dm"]
+        digest = render_text(pipeline.digest("leads").content)
         with store.transaction() as session:
-            return [task_json(t, key) for t, key in list_tasks(session, TaskFilter(include_closed=True))]
+            tasks = [task_json(t, key) for t, key in list_tasks(session, TaskFilter(include_closed=True))]
+            flags = [finding_json(v) for v in open_findings(session)]
+        return DemoResult(tasks, flags, dms, digest)

@@ -1,0 +1,121 @@
+"""Delivering the outbox: claim due actions, push them through their connector, record the result.
+
+The outbox is the only retry layer for writes: a failed attempt is rescheduled with back-off and,
+after `max_attempts`, parked as failed (shown by `trackloop outbox`, retried by `outbox retry`).
+A crash between a connector's post and the record of it is harmless: the claim expires, the
+action is delivered again, and the connector finds its own marker instead of posting twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from connectors.base import Connector
+from connectors.errors import PushError
+from store.canonical import Action
+from store.db import Store
+from store.errors import TrackloopError
+from store.models import OutboxAction, Task
+from store.outbox import claim_due, mark_failed, mark_sent
+from sync.config import AppConfig
+from sync.engine import build_connector
+
+log = logging.getLogger("trackloop.outbox")
+
+CLAIM_LEASE = timedelta(minutes=5)
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    sent: int = 0
+    already_delivered: int = 0
+    retrying: int = 0
+    failed: int = 0
+
+
+def to_action(row: OutboxAction, task: Task | None) -> Action:
+    return Action(
+        key=row.key,
+        kind=row.kind,
+        text=row.text,
+        target=row.target,
+        task_external_id=task.external_id if task else None,
+        task_url=task.url if task else None,
+        task_extra=dict(task.extra or {}) if task else {},
+        subject=row.subject,
+        payload=dict(row.payload or {}),
+    )
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: Store,
+        config: AppConfig,
+        connector_types: Mapping[str, type[Connector]],  # type: ignore[type-arg]
+        *,
+        worker: str,
+        clock: Callable[[], datetime] | None = None,
+        max_attempts: int = 5,
+        lease: timedelta = CLAIM_LEASE,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.config = config
+        self.types = connector_types
+        self.worker = worker
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.max_attempts = max_attempts
+        self._connectors: dict[str, Connector] = {}  # type: ignore[type-arg]
+
+    def connector(self, name: str) -> Connector:  # type: ignore[type-arg]
+        if name not in self._connectors:
+            if name not in self.config.connectors:
+                raise PushError(f"connector {name!r} is no longer configured", permanent=True)
+            self._connectors[name] = build_connector(self.config, self.types, name, clock=self.clock)
+        return self._connectors[name]
+
+    def close(self) -> None:
+        for connector in self._connectors.values():
+            connector.close()
+        self._connectors.clear()
+
+    def deliver_due(self, limit: int = 50) -> DeliveryReport:
+        """Claim and deliver up to `limit` due actions."""
+        report = DeliveryReport()
+        with self.store.transaction() as session:
+            claimed = [(row.id, to_action(row, session.get(Task, row.task_id) if row.task_id else None), row.connector)
+                       for row in claim_due(session, self.worker, self.clock(), limit, self.lease)]
+        for action_id, action, connector_name in claimed:
+            self._deliver_one(action_id, action, connector_name, report)
+        return report
+
+    def _deliver_one(self, action_id: int, action: Action, connector_name: str, report: DeliveryReport) -> None:
+        try:
+            result = self.connector(connector_name).push(action)
+        except TrackloopError as exc:
+            permanent = isinstance(exc, PushError) and exc.permanent
+            with self.store.transaction() as session:
+                row = session.get(OutboxAction, action_id)
+                if row is None:
+                    return
+                status = mark_failed(session, row, self.worker, str(exc), self.clock(), permanent=permanent,
+                                     max_attempts=self.max_attempts)
+            if status == "failed":
+                report.failed += 1
+                log.error("outbox %s: failed for good: %s", action.key, exc)
+            else:
+                report.retrying += 1
+                log.warning("outbox %s: %s; will retry", action.key, exc)
+            return
+        with self.store.transaction() as session:
+            mark_sent(session, action_id, self.worker, result.remote_id, self.clock())
+        if result.already_delivered:
+            report.already_delivered += 1
+            log.info("outbox %s: found already delivered as %s", action.key, result.remote_id)
+        else:
+            report.sent += 1
+            log.info("outbox %s: delivered as %s", action.key, result.remote_id)
