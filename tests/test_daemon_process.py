@@ -26,13 +26,17 @@ from store.db import Store
 from sync.config import parse_config
 from sync.daemon import Daemon
 from sync.pipeline import Pipeline
-from sync.standins.world import PEOPLE, World
+from sync.standins.world import DIGESTS, NOTIFY, PEOPLE, World
 from tests.conftest import PG_SKIP, PG_URL
 from tests.daemon_rig import (
     TRACKLOOP,
     Replica,
     clean_env,
+    delivery_problems,
     differences,
+    outbox_rows,
+    outbox_settled,
+    posted_on,
     snapshot,
     succeeded_since,
     synced_since,
@@ -134,11 +138,11 @@ def clean_run(world: World, url: str) -> None:
 
 
 def kill_and_compare(world: World, folder: Path, url: str, replicas: int, kills: int, seed: int) -> None:
-    """Kill a random replica at random moments while the world changes; then the store must equal
-    a clean single run's."""
+    """Kill a random replica at random moments while the world changes and follow-ups go out; then
+    the store must equal a clean single run's, and every follow-up must have been posted once."""
     config = write_config(folder / "trackloop.toml", {
-        "store": {"url": url}, "daemon": {"lease": "3s", "max_backoff": "2s"}, "people": PEOPLE,
-        "connectors": world.connectors("1s")})
+        "store": {"url": url}, "daemon": {"lease": "3s", "max_backoff": "2s", "outbox_interval": "1s"},
+        "people": PEOPLE, "notify": NOTIFY, "digests": DIGESTS, "connectors": world.connectors("1s")})
     rng = random.Random(seed)
     group = [Replica(config, worker=f"r{i}", log=folder / f"r{i}.log") for i in range(replicas)]
     stop = threading.Event()
@@ -157,6 +161,8 @@ def kill_and_compare(world: World, folder: Path, url: str, replicas: int, kills:
         stream.join()
         quiet = datetime.now(UTC)
         wait_until(lambda: synced_since(url, NAMES, quiet), 40, "every connector to sync after the last change")
+        time.sleep(2)  # rules, then follow-ups planned and delivered
+        wait_until(lambda: outbox_settled(url, datetime.now(UTC)), 30, "every due follow-up to go out")
         for r in group:
             code, seconds = r.terminate()
             assert code == 0 and seconds < 10
@@ -170,7 +176,11 @@ def kill_and_compare(world: World, folder: Path, url: str, replicas: int, kills:
     clean = f"sqlite:///{folder / 'clean.db'}"
     clean_run(world, clean)
     got, want = snapshot(url), snapshot(clean)
-    assert len(want) > 100 and differences(got, want) == []
+    assert len(want) > 100 and differences(got, want, own_posts=posted_on(url)) == []
+    kinds = {name: section["type"] for name, section in world.connectors().items()}
+    posted = world.deliveries()
+    assert len(outbox_rows(url)) > 20 and {m[0] for m in posted} == {"github", "jira", "slack"}
+    assert delivery_problems(posted, url, kinds) == []
 
 
 def test_kill_9_at_random_moments_leaves_the_store_equal_to_a_clean_run_sqlite(world: World, tmp_path: Path) -> None:

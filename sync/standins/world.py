@@ -5,6 +5,7 @@ a steady stream of changes to them, for the daemon's tests and soak benchmarks.
     world.start()
     config_sections = world.connectors(interval="1s")   # [connectors.*] tables for trackloop.toml
     world.change()                                       # one random edit, as a person would make it
+    world.deliveries()                                   # what trackloop posted back, by marker
     world.stop()
 
 Every change is dated by the stand-ins' clock (real time), so a daemon polling them sees a
@@ -14,7 +15,9 @@ world that keeps moving. `PEOPLE` maps the team's identities so owners resolve t
 from __future__ import annotations
 
 import random
+import re
 import threading
+from collections import Counter
 from typing import Any
 
 from sync.standins.github import GithubStandin
@@ -25,9 +28,18 @@ TEAM = ["alice", "bob", "carol", "dan"]
 JIRA_IDS = {p: f"5b10a2844c20165700ede2{i:02d}" for i, p in enumerate(TEAM)}
 SLACK_IDS = {p: f"U0{i}{p.upper()}" for i, p in enumerate(TEAM)}
 PEOPLE: dict[str, dict[str, Any]] = {
-    p: {"email": f"{p}@example.com", "github": f"{p}-gh", "jira": JIRA_IDS[p], "slack": SLACK_IDS[p]}
+    p: {"email": f"{p}@example.com", "github": f"{p}-gh", "jira": JIRA_IDS[p], "slack": SLACK_IDS[p],
+        "lead": p == "alice"}
     for p in TEAM
 }
+# Follow-ups that fire in this world: comments on unowned tasks (GitHub, Jira, Slack thread
+# replies), DMs to owners about tasks without a due date, verification DMs when a task is done,
+# and the lead's digest every minute (a new slot each minute).
+NOTIFY: dict[str, Any] = {"comment_on_source": ["missing_owner"], "dm_owner": ["no_due_date"],
+                          "max_actions_per_run": 40}
+DIGESTS: dict[str, dict[str, Any]] = {"leads": {"to": ["alice"], "schedule": "* * * * *"}}
+GITHUB_MARKER = re.compile(r"<!-- trackloop:(.+?) -->")
+JIRA_MARKER = re.compile(r"trackloop:[^\s{}\[\]()]+")
 GITHUB_REPOS = ["acme/api", "acme/web"]
 JIRA_STATUSES = ["To Do", "In Progress", "Done"]
 CHANNEL = "C0OPS"
@@ -89,6 +101,26 @@ class World:
                       "channels": [CHANNEL], "interval": interval, "retry": retry, "timeout": "5s",
                       "history_calls_per_minute": 100000},
         }
+
+    def deliveries(self) -> Counter[tuple[Any, ...]]:
+        """Every post trackloop made, by its marker: ("github", key), ("jira", marker),
+        ("slack", key, part). A count above 1 is a double delivery."""
+        found: Counter[tuple[Any, ...]] = Counter()
+        with self.lock:
+            for repo, last in self._gh_numbers.items():
+                for number in range(1, last + 1):
+                    for comment in self.github.comments(repo, number):
+                        for key in GITHUB_MARKER.findall(comment["body"]):
+                            found["github", key] += 1
+            for key in self._jira_keys:
+                for comment in self.jira.comments(key):
+                    for marker in set(JIRA_MARKER.findall(comment["body"])):
+                        found["jira", marker] += 1
+        for message in self.slack.sent():
+            payload = (message.get("metadata") or {}).get("event_payload") or {}
+            if payload.get("key"):
+                found["slack", payload["key"], payload.get("part", 1)] += 1
+        return found
 
     # -- changes -------------------------------------------------------------------------------
     def change(self) -> str:
