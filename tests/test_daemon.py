@@ -606,3 +606,39 @@ def test_a_webhook_refresh_makes_the_connector_due_now(db_url: str, clock: Clock
         assert pulls() == {"a": 1, "b": 2} and daemon.wanted == {}
     finally:
         daemon.shutdown()
+
+
+# -- docs and deployment files stay true ----------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_every_metric_is_documented_in_the_readme(tmp_path) -> None:
+    from sync.metrics import Metrics
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    families = {f.name for f in Metrics(lambda: store).registry.collect()}
+    store.close()
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running the daemon", 1)[1].split("\n## ", 1)[0]
+    assert families and all(name.startswith("trackloop_") for name in families)
+    documented = {name for name in families if f"`{name}" in section or name.startswith("trackloop_process_")}
+    counters = {name for name in families if f"`{name}_total" in section}
+    assert families - documented - counters == set()
+
+
+@pytest.mark.parametrize("unit", ["trackloop.service", "trackloop@.service"])
+def test_the_systemd_units_run_options_that_exist(unit: str) -> None:
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from sync.cli import app
+
+    text_ = (ROOT / "deploy" / unit).read_text()
+    [exec_start] = [line.split("=", 1)[1] for line in text_.splitlines() if line.startswith("ExecStart=")]
+    args = shlex.split(exec_start.replace("%i", "2").replace("%H", "host"))
+    assert args[0].endswith("/trackloop") and "run" in args
+    result = CliRunner().invoke(app, [*args[1:], "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--worker-id" in result.output and "Run as a daemon" in result.output
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text_ and "RestartPreventExitStatus=2 3" in text_
