@@ -48,6 +48,7 @@ class SyncResult:
     ok: bool = True
     error: str | None = None
     note: str | None = None  # e.g. stopped early for a rate limit, to resume next run
+    stopped_early: bool = False  # not a failure, but not a complete sync either
     pages: int = 0
     upserts: UpsertStats = field(default_factory=UpsertStats)
     requests: RequestStats = field(default_factory=RequestStats)
@@ -172,7 +173,7 @@ class SyncEngine:
         except LeaseLost as exc:
             result.ok, result.error, record = False, str(exc), False
         except RateLimited as exc:
-            result.note = f"stopped early: {exc}; resuming next run"
+            result.note, result.stopped_early = f"stopped early: {exc}; resuming next run", True
             log.warning("%s: %s", name, result.note)
         except TrackloopError as exc:
             result.ok, result.error = False, str(exc)
@@ -264,8 +265,9 @@ class SyncEngine:
         with self.store.transaction() as session:
             if control is not None:
                 control.check(session, result.connector)
-            if result.ok:
+            if result.ok and not result.stopped_early:
                 record_success(session, result.connector, result.kind, self.clock(), result.stats())
-            else:
-                record_failure(session, result.connector, result.kind, self.clock(), result.error or "", result.stats())
+            else:  # a rate-limited stop is no failure, but the data is not current: it shows, and backs off
+                record_failure(session, result.connector, result.kind, self.clock(), result.error or result.note or "",
+                               result.stats())
 
