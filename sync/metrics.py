@@ -55,7 +55,8 @@ class StoreCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        g = GaugeMetricFamily("trackloop_tasks", "Tasks in the store by source and status.", labels=["source", "status"])
+        g = GaugeMetricFamily("trackloop_tasks", "Tasks in the store by source and status.",
+                              labels=["source", "status"])
         for source, status, count in tasks:
             g.add_metric([source, status], count)
         yield g

@@ -192,8 +192,9 @@ def posted_on(url: str) -> set[tuple[str, str]]:
     store = Store(url, migrate=False)
     try:
         with store.transaction() as s:
-            return set(s.execute(select(Task.source, Task.external_id).join(OutboxAction, OutboxAction.task_id == Task.id)
-                                 .where(OutboxAction.status == "sent")).all())  # type: ignore[arg-type]
+            stmt = (select(Task.source, Task.external_id).join(OutboxAction, OutboxAction.task_id == Task.id)
+                    .where(OutboxAction.status == "sent"))
+            return set(s.execute(stmt).all())  # type: ignore[arg-type]
     finally:
         store.close()
 

@@ -10,8 +10,8 @@ injection (429/5xx/timeouts/malformed bodies), and a settable clock. Each stand-
 from __future__ import annotations
 
 import json
-import sys
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
