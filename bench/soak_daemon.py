@@ -161,7 +161,7 @@ def main() -> int:
     admin = None
     if args.store == "postgresql":
         schema = f"soak_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(args.url, isolation_level="AUTOCOMMIT")
+        admin = create_engine(args.url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
         with admin.connect() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         sep = "&" if "?" in args.url else "?"

@@ -143,7 +143,8 @@ def claim(
 ) -> list[str]:
     """Claim up to `limit` of `candidates` that nobody holds and that are still `due`, in that order.
 
-    Rows held by a live lease are skipped, and on PostgreSQL so are rows another replica is
+    Rows held by another worker's live lease are skipped (a lease of `worker` itself is one it
+    could not release, e.g. while the database restarted: the caller knows it is not syncing), and on PostgreSQL so are rows another replica is
     claiming right now (`SKIP LOCKED`); `due` is asked again on the freshly locked row, so a
     connector another replica has just synced is not synced twice.
     """
@@ -157,7 +158,7 @@ def claim(
         if len(claimed) >= limit:
             break
         stmt = select(r).where(r.connector == name, or_(r.lease_owner.is_(None), r.lease_expires.is_(None),
-                                                        r.lease_expires < now))
+                                                        r.lease_expires < now, r.lease_owner == worker))
         if skip_locked:
             stmt = stmt.with_for_update(skip_locked=True)
         row = session.scalar(stmt)

@@ -595,14 +595,16 @@ def run(
     ] = None,
     worker_id: Annotated[
         str | None,
-        typer.Option("--worker-id", help="This replica's name in leases and logs (default HOST:PID)."),
+        typer.Option("--worker-id", metavar="ID", help="This replica's name in leases and logs (default HOST:PID)."),
     ] = None,
 ) -> None:
-    """Run as a daemon: sync each connector on its interval, run the rules, serve health and webhooks.
+    """Run as a daemon: syncs on schedule, rules, follow-ups and digests, health, metrics, webhooks.
 
+    Each connector is synced every `interval`; the rules run after each sync that changed
+    something, follow-ups are delivered as they fall due and digests on their `schedule`.
     SIGTERM/SIGINT finish the current page and exit within 10 s; SIGHUP reloads the config (a bad
     one is logged and the running config kept). On SQLite one replica runs (a second exits with
-    status 3); on PostgreSQL run as many as you like: they share the connectors through leases.
+    status 3); on PostgreSQL run as many as you like: they share the work through leases.
     """
     from sync.daemon import AlreadyRunning, Daemon
 

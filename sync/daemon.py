@@ -70,6 +70,7 @@ SHUTDOWN_GRACE = 8.0  # seconds the running work gets after SIGTERM; the process
 MAX_SLEEP = 5.0  # the loop looks at the store at least this often (other replicas change it)
 DIGEST_CHECK = 30.0  # seconds between looks at the digests' schedules (cron has minutes)
 OUTBOX_BATCH = 20  # actions claimed at a time; a stop waits for at most one batch
+JOB_RETRY = 10.0  # seconds before a failed rules, outbox or digests run is tried again
 STORE_RETRY = 2.0  # seconds between attempts while the store is unreachable
 
 
@@ -182,6 +183,7 @@ class _Periodic:
     name: str
     last: float | None = None  # time.monotonic() of the last start
     wanted: bool = False
+    retry_at: float | None = None  # after a failure: time.monotonic() to try again
     thread: threading.Thread | None = None
 
     @property
@@ -434,8 +436,8 @@ class Daemon:
             if at is not None and at > now:
                 wake = min(wake, at)
                 continue
-            held = state is not None and state.lease_owner is not None and state.lease_expires is not None \
-                and state.lease_expires > now
+            held = state is not None and state.lease_owner not in (None, self.worker) \
+                and state.lease_expires is not None and state.lease_expires > now
             if held:
                 assert state is not None and state.lease_expires is not None
                 wake = min(wake, state.lease_expires)
@@ -540,16 +542,19 @@ class Daemon:
     def _maybe(self, job: _Periodic, every: float, target: Callable[[], None]) -> None:
         if job.running or self.stopping.is_set():
             return
-        if not (job.wanted or job.last is None or time.monotonic() - job.last >= every):
+        now = time.monotonic()
+        retry = job.retry_at is not None and now >= job.retry_at
+        if not (job.wanted or retry or job.last is None or now - job.last >= every):
             return
-        job.wanted, job.last = False, time.monotonic()
+        job.wanted, job.last, job.retry_at = False, now, None
         job.thread = threading.Thread(target=self._periodic_run, args=(job, target), name=job.name, daemon=True)
         job.thread.start()
 
     def _periodic_run(self, job: _Periodic, target: Callable[[], None]) -> None:
         try:
             target()
-        except Exception as exc:  # the store went away, or a bug: log it, the next turn retries
+        except Exception as exc:  # the store went away, or a bug: log it, try again a little later
+            job.retry_at = time.monotonic() + JOB_RETRY
             if job is self.rules:
                 self.metrics.rules_errors.inc()
             log.error("%s: %s: %s", job.name, exc.__class__.__name__, REDACT(str(exc).splitlines()[0]),

@@ -642,3 +642,16 @@ def test_the_systemd_units_run_options_that_exist(unit: str) -> None:
     assert result.exit_code == 0, result.output
     assert "--worker-id" in result.output and "Run as a daemon" in result.output
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text_ and "RestartPreventExitStatus=2 3" in text_
+
+
+def test_a_lease_this_replica_could_not_release_does_not_block_it(db_url: str, clock: Clock) -> None:
+    daemon = make_daemon(db_url, clock, fakes("src"), lease="60s")
+    daemon.start()
+    try:
+        with daemon.store.transaction() as s:  # as if the release failed while the database restarted
+            s.get(SyncStateRow, "src").lease_owner = "w1"
+            s.get(SyncStateRow, "src").lease_expires = clock() + timedelta(seconds=60)
+        step(daemon)
+        assert KNOBS["src"].pulls == 1 and state_of(daemon.store, "src").lease_owner is None
+    finally:
+        daemon.shutdown()
