@@ -144,9 +144,10 @@ def claim(
     """Claim up to `limit` of `candidates` that nobody holds and that are still `due`, in that order.
 
     Rows held by another worker's live lease are skipped (a lease of `worker` itself is one it
-    could not release, e.g. while the database restarted: the caller knows it is not syncing), and on PostgreSQL so are rows another replica is
-    claiming right now (`SKIP LOCKED`); `due` is asked again on the freshly locked row, so a
-    connector another replica has just synced is not synced twice.
+    could not release, e.g. while the database restarted: the caller knows it is not syncing),
+    and on PostgreSQL so are rows another replica is claiming right now (`SKIP LOCKED`); `due` is
+    asked again on the freshly locked row, so a connector another replica has just synced is not
+    synced twice.
     """
     order = list(candidates)
     if not order or limit <= 0:
