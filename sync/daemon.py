@@ -17,10 +17,13 @@ Replicas share the work through leases on the `sync_state` rows (see `store.sync
 replica claims a due connector, renews the claim every third of `daemon.lease` while it works,
 and every page it commits checks that the claim is still its own. A replica that dies is
 replaced once its lease expires, and the next one resumes from the cursor saved with the last
-committed page. Outbox actions are claimed the same way (`store.outbox.claim_due`, leased for
-`daemon.lease`), and the connectors' own markers make a delivery repeated after a crash find the
-first one instead of posting twice. On SQLite one replica runs: a lock file next to the database (an `fcntl`
-lock, which the kernel drops when the holder dies, `kill -9` included) refuses a second one.
+committed page. Outbox actions are claimed the same way (`store.outbox.claim_due`), one at a
+time right before their push, for long enough to outlast any push (`sync.delivery.CLAIM_LEASE`);
+the connectors' own markers make a delivery repeated after a crash find the first one instead of
+posting twice. A restarted replica with the same worker id takes its claims back at once.
+
+On SQLite one replica runs: a lock file next to the database (an `fcntl` lock, which the kernel
+drops when the holder dies, `kill -9` included) refuses a second one.
 
 SIGTERM and SIGINT stop taking work; the syncs running finish the page they are on (each page
 is committed with its cursor) and the process exits within `SHUTDOWN_GRACE`, abandoning work
@@ -55,6 +58,7 @@ from store.locks import exclusive
 from store.outbox import release_claims
 from store.sync_state import Schedule, check_lease, claim, ensure_states, release, release_all, renew, schedules
 from sync.config import AppConfig, parse_address
+from sync.delivery import DeliveryReport
 from sync.engine import SyncResult
 from sync.httpd import HttpServer, Routes
 from sync.logs import CONTEXT, REDACT
@@ -69,7 +73,7 @@ Clock = Callable[[], datetime]
 SHUTDOWN_GRACE = 8.0  # seconds the running work gets after SIGTERM; the process is gone within 10 s
 MAX_SLEEP = 5.0  # the loop looks at the store at least this often (other replicas change it)
 DIGEST_CHECK = 30.0  # seconds between looks at the digests' schedules (cron has minutes)
-OUTBOX_BATCH = 20  # actions claimed at a time; a stop waits for at most one batch
+OUTBOX_BATCH = 50  # actions delivered per outbox run before the loop looks again
 JOB_RETRY = 10.0  # seconds before a failed rules, outbox or digests run is tried again
 STORE_RETRY = 2.0  # seconds between attempts while the store is unreachable
 
@@ -357,8 +361,7 @@ class Daemon:
 
     # -- configuration -------------------------------------------------------------------------
     def _pipeline(self, config: AppConfig) -> Pipeline:
-        return Pipeline(self.store, config, self.types, clock=self.clock, worker=self.worker,
-                        claim_lease=config.daemon.lease)
+        return Pipeline(self.store, config, self.types, clock=self.clock, worker=self.worker)
 
     def reload(self) -> bool:
         """Re-read the config (SIGHUP); a bad one is logged and the running config kept."""
@@ -581,23 +584,34 @@ class Daemon:
             self.outbox.wanted = True
 
     def _run_outbox(self) -> None:
-        """Deliver due actions, a batch at a time, until none is due or the daemon stops."""
+        """Deliver due actions until none is due (or the daemon stops), claiming one at a time.
+
+        One at a time: a claim is fresh when its push starts, so a batch cannot go stale behind a
+        slow push and be claimed again by another replica while this one still means to post it.
+        """
         pipeline = self.pipeline
         assert pipeline is not None
-        while not self.stopping.is_set():
-            report = pipeline.deliver_outbox(limit=OUTBOX_BATCH)
+        total = DeliveryReport()
+        for _ in range(OUTBOX_BATCH):
+            if self.stopping.is_set():
+                break
+            report = pipeline.deliver_outbox(limit=1)
+            handled = 0
             for result in ("sent", "already_delivered", "retrying", "failed"):
-                if getattr(report, result):
-                    self.metrics.outbox_delivered.labels(result).inc(getattr(report, result))
-            handled = report.sent + report.already_delivered + report.retrying + report.failed
-            if handled:
-                log.info("outbox: %d sent, %d found already delivered, %d to retry, %d failed", report.sent,
-                         report.already_delivered, report.retrying, report.failed,
-                         extra={"fields": {"event": "outbox", "sent": report.sent, "failed": report.failed,
-                                           "already_delivered": report.already_delivered,
-                                           "retrying": report.retrying}})
-            if handled < OUTBOX_BATCH:
-                return
+                count = getattr(report, result)
+                if count:
+                    handled += count
+                    setattr(total, result, getattr(total, result) + count)
+                    self.metrics.outbox_delivered.labels(result).inc(count)
+            if not handled:
+                break
+        else:
+            self.outbox.wanted = True  # more may be due: go on at the next look
+        if total.sent or total.already_delivered or total.retrying or total.failed:
+            log.info("outbox: %d sent, %d found already delivered, %d to retry, %d failed", total.sent,
+                     total.already_delivered, total.retrying, total.failed,
+                     extra={"fields": {"event": "outbox", "sent": total.sent, "failed": total.failed,
+                                       "already_delivered": total.already_delivered, "retrying": total.retrying}})
 
     def _run_digests(self) -> None:
         """Send each digest whose schedule reached a slot not sent yet."""

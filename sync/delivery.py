@@ -60,10 +60,8 @@ class Deliverer:
         worker: str,
         clock: Callable[[], datetime] | None = None,
         max_attempts: int = 5,
-        lease: timedelta = CLAIM_LEASE,
     ) -> None:
         self.store = store
-        self.lease = lease
         self.config = config
         self.types = connector_types
         self.worker = worker
@@ -88,7 +86,7 @@ class Deliverer:
         report = DeliveryReport()
         with self.store.transaction() as session:
             claimed = [(row.id, to_action(row, session.get(Task, row.task_id) if row.task_id else None), row.connector)
-                       for row in claim_due(session, self.worker, self.clock(), limit, self.lease)]
+                       for row in claim_due(session, self.worker, self.clock(), limit, CLAIM_LEASE)]
         for action_id, action, connector_name in claimed:
             self._deliver_one(action_id, action, connector_name, report)
         return report

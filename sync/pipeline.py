@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -73,7 +73,6 @@ class Pipeline:
         clock: Clock | None = None,
         on_page: Callable[[str, SyncResult], None] | None = None,
         worker: str | None = None,
-        claim_lease: timedelta | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -82,7 +81,6 @@ class Pipeline:
         self.engine = SyncEngine(store, config, connector_types, clock=self.clock, on_page=on_page)
         self.rules = RulesEngine(build_rules(rule_types(), config.rules), clock=self.clock)
         self.worker = worker or default_worker_id()
-        self.claim_lease = claim_lease  # how long an outbox claim lasts (the daemon's lease)
         connectors = {name: (cfg.type, connector_types[cfg.type]) for name, cfg in config.connectors.items()}
         self.planner = Planner(config.notify, connectors) if config.notify is not None else None
 
@@ -137,7 +135,7 @@ class Pipeline:
     def deliverer(self) -> Deliverer:
         max_attempts = self.config.notify.max_attempts if self.config.notify else 5
         return Deliverer(self.store, self.config, self.types, worker=self.worker, clock=self.clock,
-                         max_attempts=max_attempts, **({"lease": self.claim_lease} if self.claim_lease else {}))
+                         max_attempts=max_attempts)
 
     def deliver_outbox(self, limit: int = 50) -> DeliveryReport:
         deliverer = self.deliverer()
