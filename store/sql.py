@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, String, any_, bindparam, column, exists, func, select
+from sqlalchemy import BigInteger, ColumnElement, String, any_, bindparam, column, exists, func, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
@@ -42,3 +42,22 @@ def latest(session: Session, *cols: Any) -> ColumnElement[Any]:
         return func.greatest(*cols)  # ignores NULLs
     first = func.coalesce(*cols)
     return func.max(*(func.coalesce(c, first) for c in cols))
+
+
+def bulk_insert(session: Session, table: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many rows through the driver's `executemany`, converting each column's values
+    with the column type's own bind processor. Same rows as `session.execute(insert(table),
+    rows)`, without SQLAlchemy's per-row parameter bookkeeping, which dominates a large insert."""
+    if not rows:
+        return
+    connection = session.connection()
+    dialect = connection.dialect
+    names = list(rows[0])
+    processors = [table.c[name].type._cached_bind_processor(dialect) for name in names]
+    compiled = insert(table).values({name: bindparam(name) for name in names}).compile(dialect=dialect)
+    order = compiled.positiontup if compiled.positional else None
+    params = []
+    for row in rows:
+        values = {name: (proc(row[name]) if proc else row[name]) for name, proc in zip(names, processors, strict=True)}
+        params.append(tuple(values[name] for name in order) if order else values)
+    connection.exec_driver_sql(str(compiled), params)
