@@ -12,12 +12,12 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 
 from pydantic import Field
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, type_coerce
 
 from rules.base import Rule, RuleConfig, RuleContext, Verdict
 from store.canonical import Status
 from store.durations import Duration
-from store.models import Task, TaskEvent
+from store.models import Task, TaskEvent, UTCDateTime
 
 WORKDAY_SECONDS = 8 * 3600
 
@@ -33,18 +33,18 @@ class AtRisk(Rule[AtRiskConfig]):
 
     def evaluate(self, ctx: RuleContext) -> list[Verdict]:
         medians = self._median_cycle_times(ctx)
+        # When work started: looked up per candidate through the (task_id, at) index, which is
+        # cheaper than aggregating the whole history.
         started = (
-            select(TaskEvent.task_id, func.min(TaskEvent.at).label("at"))
-            .where(TaskEvent.field == "status", TaskEvent.new == Status.IN_PROGRESS.value)
-            .group_by(TaskEvent.task_id)
-            .subquery()
+            select(func.min(TaskEvent.at))
+            .where(TaskEvent.task_id == Task.id, TaskEvent.field == "status",
+                   TaskEvent.new == Status.IN_PROGRESS.value)
+            .scalar_subquery()
         )
-        stmt = (
-            ctx.open_tasks(Task.id, Task.source, Task.scope, Task.priority, Task.due, Task.status,
-                           Task.remaining_estimate_s, started.c.at)
-            .outerjoin(started, started.c.task_id == Task.id)
-            .where(Task.due.is_not(None), Task.due >= ctx.today)
-        )
+        stmt = ctx.open_tasks(
+            Task.id, Task.source, Task.scope, Task.priority, Task.due, Task.status, Task.remaining_estimate_s,
+            type_coerce(started, UTCDateTime()),
+        ).where(Task.due.is_not(None), Task.due >= ctx.today)
         verdicts = []
         for tid, source, scope, priority, due, status, remaining, began in ctx.session.execute(
             ctx.scoped(stmt, self.config)

@@ -44,7 +44,7 @@ class RuleConfig(BaseModel):
 ConfigT = TypeVar("ConfigT", bound=RuleConfig)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """A rule flags `task_id` with a short message carrying the numbers that triggered it."""
 

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
 from store.models import Finding, Person, Task
-from store.sql import one_of
+from store.sql import bulk_insert, one_of
 
 _CHUNK = 2000
 LIVE = ("open", "snoozed")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Draft:
     """What a rule says about one task this run."""
 
@@ -85,8 +85,7 @@ def reconcile(session: Session, rule: str, severity: str, drafts: Mapping[int, D
         for task_id, draft in drafts.items()
         if task_id not in known
     ]
-    if fresh:
-        session.execute(insert(Finding.__table__), fresh)
+    bulk_insert(session, Finding.__table__, fresh)
     stats.opened = len(fresh)
     return stats
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import marshal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -24,22 +25,32 @@ def _ident(ref: IdentityRef | None) -> tuple[str, str, str | None, str | None] |
     return None if ref is None else (ref.kind._value_, ref.value, ref.display_name, ref.email)
 
 
+def _instant(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
 def content_hash(record: TaskRecord) -> str:
     """A digest of everything the connector said about a task; equal hashes mean no write.
 
-    Spelled out field by field because it runs for every record of every sync (the generic
-    dataclass repr costs twice as much); tests/test_store.py checks that every field counts.
+    Spelled out field by field, with instants as timestamps, and serialised with `marshal`,
+    because it runs for every record of every sync (the generic dataclass repr costs four times
+    as much); tests/test_store.py checks that every field counts.
     """
     r = record
     key = (
         r.external_id, r.title, r.status._value_, r.raw_status, r.url, r.body, r.scope,
-        tuple(_ident(a) for a in r.assignees), _ident(r.reporter), r.due, r.priority._value_, r.labels,
-        r.acceptance_criteria, r.created_at, r.updated_at, r.closed_at, r.status_changed_at,
-        r.last_activity_at, r.original_estimate_s, r.remaining_estimate_s, r.time_spent_s, r.verified,
+        tuple(_ident(a) for a in r.assignees), _ident(r.reporter), r.due and r.due.toordinal(),
+        r.priority._value_, r.labels, r.acceptance_criteria, _instant(r.created_at), _instant(r.updated_at),
+        _instant(r.closed_at), _instant(r.status_changed_at), _instant(r.last_activity_at),
+        r.original_estimate_s, r.remaining_estimate_s, r.time_spent_s, r.verified,
         tuple((lk.kind._value_, lk.target.external_id, lk.target.source, lk.inverse) for lk in r.links),
         sorted(r.extra.items()) if r.extra else None,
     )
-    return hashlib.blake2b(repr(key).encode(), digest_size=32).hexdigest()
+    try:
+        payload = marshal.dumps(key, 2)  # version 2: no back-references, so equal values give equal bytes
+    except ValueError:  # a connector put something marshal cannot write into `extra`
+        payload = repr(key).encode()
+    return hashlib.blake2b(payload, digest_size=32).hexdigest()
 
 
 # A source update within this window after trackloop's own post is explained by that post.

@@ -293,3 +293,19 @@ def test_migrations_match_the_models(store: Store) -> None:
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_content_hash_is_stable_across_processes() -> None:
+    """The hash is stored: another process (another hash seed, other object identities) must agree."""
+    import subprocess
+    import sys
+
+    from store.tasks import content_hash
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_store import FULL; "
+            "from store.tasks import content_hash; print(content_hash(FULL))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"},
+                             cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+        assert out.stdout.strip() == content_hash(FULL)
