@@ -10,7 +10,9 @@ threads, at most `daemon.workers` connector syncs at a time:
   `daemon.rules_interval` (time alone makes tasks overdue or stale); the follow-ups `[notify]`
   asks for are planned right after;
 - the outbox worker delivers due actions every `daemon.outbox_interval` and right after a plan
-  queued some; digests go out when their cron `schedule` reaches a new slot (checked every 30 s);
+  queued some; digests go out when their cron `schedule` reaches a new slot (checked every 30 s,
+  on the outbox worker's thread: one thread per replica claims actions, so after a failed run it
+  can safely take back the claims it left);
 - webhooks ask for a connector's sync now instead of at its next turn.
 
 Replicas share the work through leases on the `sync_state` rows (see `store.sync_state`): a
@@ -239,8 +241,9 @@ class Daemon:
         self.syncing: dict[str, _Job] = {}
         self.wanted: dict[str, datetime] = {}  # connector -> when a webhook asked for a sync
         self.rules = _Periodic("rules")
-        self.outbox = _Periodic("outbox")
-        self.digests = _Periodic("digests")
+        self.outbox = _Periodic("outbox")  # digests are sent from the same thread: see _run_outbox
+        self._last_digest_check: float | None = None
+        self._claims_dirty = False  # an outbox run failed: claims of ours may be left behind
         self._last_renewal = 0.0
         self._store_down_since: float | None = None
 
@@ -351,7 +354,7 @@ class Daemon:
         return threads + [job.thread for job in self._periodic() if job.thread is not None]
 
     def _periodic(self) -> list[_Periodic]:
-        return [self.rules, self.outbox, self.digests]
+        return [self.rules, self.outbox]
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait for the work running now (tests)."""
@@ -456,9 +459,10 @@ class Daemon:
                 self._start_sync(name)
         daemon = config.daemon
         self._maybe(self.rules, daemon.rules_interval.total_seconds(), self._run_rules)
+        if config.digests and (self._last_digest_check is None
+                               or time.monotonic() - self._last_digest_check >= DIGEST_CHECK):
+            self.outbox.wanted = True
         self._maybe(self.outbox, daemon.outbox_interval.total_seconds(), self._run_outbox)
-        if config.digests:
-            self._maybe(self.digests, DIGEST_CHECK, self._run_digests)
         return max(0.05, min(MAX_SLEEP, (wake - now).total_seconds()))
 
     def _due(self, name: str, state: Schedule | None, interval: timedelta, now: datetime) -> datetime | None:
@@ -560,6 +564,8 @@ class Daemon:
             job.retry_at = time.monotonic() + JOB_RETRY
             if job is self.rules:
                 self.metrics.rules_errors.inc()
+            if job is self.outbox:
+                self._claims_dirty = True
             log.error("%s: %s: %s", job.name, exc.__class__.__name__, REDACT(str(exc).splitlines()[0]),
                       exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
@@ -591,6 +597,16 @@ class Daemon:
         """
         pipeline = self.pipeline
         assert pipeline is not None
+        if self._claims_dirty:  # this thread is the only one of ours that claims: nothing is mid-push
+            with self.store.transaction() as session:
+                dropped = release_claims(session, self.worker)
+            self._claims_dirty = False
+            if dropped:
+                log.info("outbox: took back %d claims a failed run left behind", dropped)
+        if pipeline.config.digests and (self._last_digest_check is None
+                                        or time.monotonic() - self._last_digest_check >= DIGEST_CHECK):
+            self._last_digest_check = time.monotonic()
+            self._run_digests()
         total = DeliveryReport()
         for _ in range(OUTBOX_BATCH):
             if self.stopping.is_set():

@@ -24,7 +24,18 @@ from sqlalchemy import create_engine, select, text
 from connectors.base import Connector, ConnectorConfig
 from connectors.errors import TransientError
 from connectors.registry import connector_types
-from store.canonical import CheckResult, Cursor, IdentityKind, IdentityRef, Page, Status, SyncState, TaskRecord
+from store.canonical import (
+    Action,
+    CheckResult,
+    Cursor,
+    IdentityKind,
+    IdentityRef,
+    Page,
+    PushResult,
+    Status,
+    SyncState,
+    TaskRecord,
+)
 from store.db import Store
 from store.errors import ConfigError, ConfigProblem
 from store.models import Person, SyncStateRow, Task
@@ -62,6 +73,9 @@ class FakeConnector(Connector[ConnectorConfig, FakeCursor]):
 
     def check(self) -> CheckResult:
         return CheckResult(True, "fine")
+
+    def push(self, action: Action) -> PushResult:
+        return PushResult(f"posted-{action.key}")
 
     def pull(self, state: SyncState[FakeCursor]) -> Iterator[Page[FakeCursor]]:
         knobs = KNOBS.setdefault(self.name, Knobs())
@@ -653,5 +667,27 @@ def test_a_lease_this_replica_could_not_release_does_not_block_it(db_url: str, c
             s.get(SyncStateRow, "src").lease_expires = clock() + timedelta(seconds=60)
         step(daemon)
         assert KNOBS["src"].pulls == 1 and state_of(daemon.store, "src").lease_owner is None
+    finally:
+        daemon.shutdown()
+
+
+def test_claims_a_failed_outbox_run_left_behind_are_taken_back(db_url: str, clock: Clock) -> None:
+    from store.models import OutboxAction
+
+    daemon = make_daemon(db_url, clock, fakes("src"))
+    daemon.start()
+    try:
+        with daemon.store.transaction() as s:  # claimed, then the store went away before its outcome was saved
+            s.add(OutboxAction(key="k1", connector="src", kind="comment", text="hi", payload={}, status="pending",
+                               attempts=0, created_at=clock(), next_attempt_at=clock(), claimed_by="w1",
+                               claim_expires=datetime.now(UTC) + timedelta(minutes=5)))
+        daemon._run_outbox()
+        with daemon.store.transaction() as s:
+            assert s.scalar(select(OutboxAction.status)) == "pending"  # held: not ours to take yet
+        daemon._claims_dirty = True
+        daemon._run_outbox()
+        with daemon.store.transaction() as s:
+            row = s.scalar(select(OutboxAction))
+            assert (row.status, row.remote_id, row.claimed_by) == ("sent", "posted-k1", None)
     finally:
         daemon.shutdown()
