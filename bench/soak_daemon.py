@@ -336,17 +336,19 @@ def db_restarts(count: int, cluster: str, url: str, group: list[Replica], failur
         log(f"restarting PostgreSQL ({i + 1}/{count})")
         t0 = time.monotonic()
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"], check=True)
-        restarted = datetime.now(UTC)
+        command = round(time.monotonic() - t0, 1)
+        restarted, t1 = datetime.now(UTC), time.monotonic()
         try:
             wait_until(lambda r=restarted: synced_since(url, NAMES, r), 120, "syncs after the database restart")
-            back = round(time.monotonic() - t0, 1)
+            back = round(time.monotonic() - t1, 1)
         except AssertionError as exc:
             failures.append(str(exc))
             back = None
         dead = [r.worker for r in group if not r.alive]
         if dead:
             failures.append(f"replicas died with the database: {dead}")
-        out.append({"restart": i + 1, "all_connectors_synced_again_after_s": back, "replicas_alive": not dead})
+        out.append({"restart": i + 1, "pg_ctlcluster_restart_s": command,
+                    "all_connectors_synced_again_after_s": back, "replicas_alive": not dead})
         log(f"database restart {i + 1}: {out[-1]}")
     return out
 
