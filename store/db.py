@@ -23,6 +23,9 @@ from store.errors import StoreError
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Seconds a SQLite transaction waits for the write lock. Every transaction takes it at BEGIN
+# (see _on_sqlite_begin) and a rules run over 100,000 tasks holds it for several seconds.
+BUSY_TIMEOUT = 60
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -50,7 +53,7 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps committed data safe across a crash
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
     cur.close()
 
 
@@ -77,7 +80,7 @@ def make_engine(url: str) -> Engine:
         path = _sqlite_path(url)
         if path is not None:
             _create_private_file(path)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT})
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine

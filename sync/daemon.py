@@ -187,9 +187,11 @@ class _Periodic:
     """A job that runs on its own thread now and then: rules, the outbox, digests."""
 
     name: str
+    rest: float = 0.0  # after a run, wait this many times its length before the next one
     last: float | None = None  # time.monotonic() of the last start
     wanted: bool = False
     retry_at: float | None = None  # after a failure: time.monotonic() to try again
+    rest_until: float = 0.0  # time.monotonic() before which the job does not start again
     thread: threading.Thread | None = None
 
     @property
@@ -240,7 +242,9 @@ class Daemon:
         self._lock = threading.Lock()
         self.syncing: dict[str, _Job] = {}
         self.wanted: dict[str, datetime] = {}  # connector -> when a webhook asked for a sync
-        self.rules = _Periodic("rules")
+        # A rules run writes findings in one transaction; on SQLite that holds the only write
+        # lock, so it rests as long as it ran and syncs finishing meanwhile get their turn.
+        self.rules = _Periodic("rules", rest=1.0)
         self.outbox = _Periodic("outbox")  # digests are sent from the same thread: see _run_outbox
         self._last_digest_check: float | None = None
         self._claims_dirty = False  # an outbox run failed: claims of ours may be left behind
@@ -550,6 +554,8 @@ class Daemon:
         if job.running or self.stopping.is_set():
             return
         now = time.monotonic()
+        if now < job.rest_until:
+            return
         retry = job.retry_at is not None and now >= job.retry_at
         if not (job.wanted or retry or job.last is None or now - job.last >= every):
             return
@@ -558,6 +564,7 @@ class Daemon:
         job.thread.start()
 
     def _periodic_run(self, job: _Periodic, target: Callable[[], None]) -> None:
+        started = time.monotonic()
         try:
             target()
         except Exception as exc:  # the store went away, or a bug: log it, try again a little later
@@ -569,6 +576,8 @@ class Daemon:
             log.error("%s: %s: %s", job.name, exc.__class__.__name__, REDACT(str(exc).splitlines()[0]),
                       exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
+            ended = time.monotonic()
+            job.rest_until = ended + job.rest * (ended - started)
             self.wake.set()
 
     def _run_rules(self) -> None:
