@@ -6,8 +6,10 @@ A workspace of busy channels (every message in the 7-day look-back window; 5% of
 with a 3-reply thread) is synced cold, then idle, then after a little activity. It prints the
 wall time and the Slack requests of each sync by method: the look-back window's cost is the
 history pages of the window plus `conversations.replies` only for threads whose `latest_reply`
-moved. Pacing (`history_calls_per_minute`) is lifted so the figures show work, not waiting; the
-"paced" column says how long Tier 3 pacing at the default 45 calls a minute would add.
+moved (and for the thread of a captured message that changed, and threads holding a captured
+reply; this workspace captures no replies). Pacing (`history_calls_per_minute`) is lifted so the
+figures show work, not waiting; the "paced" column says how long Tier 3 pacing at the default 45
+calls a minute would add.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 A message becomes a task when it carries a capture reaction (`:task:`) or starts with a capture
 prefix ("TODO:"). Each sync reads, per channel, the history of a bounded look-back window with
 `conversations.history`, plus `conversations.replies` only for threads whose `latest_reply`
-moved, so a reaction, an edit or a reply added today to yesterday's message is seen at a cost
-that does not grow with the channel's age. The cursor remembers, for the window only, each
-thread's `latest_reply` and a fingerprint of each captured message, so an idle sync costs one
-history call per channel and writes nothing.
+moved, the thread of a captured message that changed, and threads holding a captured reply (a
+reaction or an edit on a reply does not move its thread), so a reaction, an edit or a reply added
+today to yesterday's message is seen at a cost that does not grow with the channel's age. The
+cursor remembers, for the window only, each thread's `latest_reply` and a fingerprint of each
+captured message, so an idle sync costs one history call per channel (plus one per thread holding
+a captured reply) and writes nothing.
 
 Slack reports reactions without a time: a change in a message's (human) reactions is dated by
 the sync that first saw it, which bounds the error by the sync interval.
@@ -250,6 +252,7 @@ class SlackSeen(BaseModel):
     done: bool = False  # a done reaction was on it
     done_at: datetime | None = None  # when that was first seen (None: it was done when first read)
     url: str | None = None  # chat.getPermalink, fetched once
+    thread: str | None = None  # a captured reply's parent ts: its thread is re-read while it is in the window
 
 
 class SlackChannelState(BaseModel):
@@ -836,7 +839,9 @@ class _ChannelRead:
         )
         self.tasks.append(record)
         if reason is not None:
-            self.seen[ts] = SlackSeen(fp=fp, rx=rx, rx_at=rx_at, done=done, done_at=done_at, url=url)
+            parent = message.get("thread_ts")
+            self.seen[ts] = SlackSeen(fp=fp, rx=rx, rx_at=rx_at, done=done, done_at=done_at, url=url,
+                                      thread=parent if parent not in (None, ts) else None)
         if before is None:
             return
         target = TaskRef(record.external_id)
@@ -848,6 +853,12 @@ class _ChannelRead:
             self.activities.append(
                 ActivityRecord(target, ts_datetime(edited["ts"]), identity(author, c._known()), "edit")
             )
+
+    def consider_replies(self, thread: Sequence[dict[str, Any]], window_start: int, moved: bool) -> None:
+        """A thread's replies; of one re-read only for its captured replies, those inside the window."""
+        for reply in thread:
+            if moved or ts_key(reply["ts"]) >= window_start:  # older ones stay frozen as last seen
+                self.consider(reply, ())
 
     def _read_before(self, message: Mapping[str, Any]) -> bool:
         """Whether the previous read listed this message (Slack's own timestamps decide, not our clock)."""
@@ -1142,24 +1153,32 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
         read.complete = full and prev is not None  # only then can tasks missing from it be cancelled
         top = prev.top if prev else oldest
         threads: dict[str, str] = {}
+        # Threads holding captured replies inside the window are re-read every sync: a reaction or an
+        # edit on a reply does not move the thread's latest_reply.
+        held = {e.thread for ts, e in read.seen_before.items() if e.thread and ts_key(ts) >= window_start}
         for message in self._history(channel, oldest):
             ts = message["ts"]
             if message.get("thread_ts") not in (None, ts):
                 continue  # a reply also sent to the channel: it is handled with its thread
             if ts_key(ts) > ts_key(top):
                 top = ts
+            if prev is not None and not full and ts_key(ts) < min(window_start, ts_key(prev.top) + 1):
+                continue  # the newest message of a quiet channel, read before and older than the window: frozen
             latest = message.get("latest_reply")
             thread = None
+            moved = False
             if latest and message.get("thread_ts") == ts:
                 if ts_key(ts) >= window_start:
                     threads[ts] = latest
-                if full or read.threads_before.get(ts) != latest:
+                moved = full or rules_changed or read.threads_before.get(ts) != latest
+                if moved or ts in held:
                     thread = self._replies(channel, ts)
             read.consider(message, thread)
-            for reply in thread or ():
-                read.consider(reply, ())
+            read.consider_replies(thread or (), window_start, moved)
             if thread:
                 read.thread_activity(message, thread)
+        for parent in sorted(held - read.evaluated, key=ts_key):  # its parent is older than what history read
+            read.consider_replies(self._replies(channel, parent), window_start, full)
         # captured replies in threads that did not move keep their entry
         seen = {ts: e for ts, e in read.seen_before.items() if ts not in read.evaluated}
         seen.update(read.seen)

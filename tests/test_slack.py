@@ -448,6 +448,43 @@ def test_thread_activity_resets_staleness(store: Store, slack: SlackStandin, clo
     assert "and powered off" in task["body"]
 
 
+def test_captured_reply_reactions_and_edits_are_seen_while_the_thread_is_quiet(
+    store: Store, slack: SlackStandin, clock: Clock
+) -> None:
+    parent = slack.post(OPS, CAROL, "migration plan for the reporting db")
+    reply = slack.reply(OPS, parent, BOB, "action item: snapshot the replica first")
+    sync(store, slack, clock, lookback="3d", backfill="3d")
+    key = f"{OPS}:{reply}"
+    assert tasks(store)[key]["status"] == "todo"
+
+    slack.reset_log()
+    later(slack, clock, hours=1)  # the thread does not move: a reaction and an edit on the reply
+    slack.react(OPS, reply, "white_check_mark", ALICE)
+    slack.edit(OPS, reply, "action item: snapshot the replica first, then the primary")
+    sync(store, slack, clock, lookback="3d", backfill="3d")
+    task = tasks(store)[key]
+    assert (task["status"], task["title"]) == ("done", "Snapshot the replica first, then the primary")
+    assert requests_by_method(slack)["conversations.replies"] == 1  # the one thread holding a captured reply
+
+    # The parent leaves the window, the captured reply (posted 2 days later) is still inside it.
+    later(slack, clock, days=2)
+    late = slack.reply(OPS, parent, ALICE, "action item: drop the old replica")
+    sync(store, slack, clock, lookback="3d", backfill="3d")
+    later(slack, clock, days=2)
+    slack.react(OPS, late, "white_check_mark", BOB)
+    slack.reset_log()
+    result = sync(store, slack, clock, lookback="3d", backfill="3d")
+    assert tasks(store)[f"{OPS}:{late}"]["status"] == "done"
+    assert result.upserts.updated == 1  # the first reply, now outside the window, is frozen as last seen
+    assert requests_by_method(slack) == {"conversations.history": 1, "conversations.replies": 1,
+                                         "users.info": 2}
+
+    later(slack, clock, days=2)  # no captured reply is in the window any more: back to one call
+    slack.reset_log()
+    sync(store, slack, clock, lookback="3d", backfill="3d")
+    assert requests_by_method(slack) == {"conversations.history": 1}
+
+
 def test_done_reaction_by_someone_else_is_verified(store: Store, slack: SlackStandin, clock: Clock) -> None:
     ts = slack.post(OPS, ALICE, "TODO: <@U02BOB> renew the support contract")
     sync(store, slack, clock)
@@ -643,10 +680,12 @@ def test_capture_rules_change_re_evaluates_the_window(
     store: Store, slack: SlackStandin, clock: Clock
 ) -> None:
     ts = slack.post(OPS, ALICE, "FIXME: drain node 3")
+    parent = slack.post(OPS, BOB, "node 4 too?")
+    reply = slack.reply(OPS, parent, ALICE, "fixme: drain node 4")
     sync(store, slack, clock)
     assert tasks(store) == {}
     sync(store, slack, clock, capture={"prefixes": ["FIXME:"]})
-    assert list(tasks(store)) == [f"{OPS}:{ts}"]
+    assert list(tasks(store)) == [f"{OPS}:{ts}", f"{OPS}:{reply}"]  # replies of quiet threads too
 
 
 def test_pacing_keeps_tier3_calls_per_minute(slack: SlackStandin, clock: Clock) -> None:
