@@ -803,8 +803,9 @@ class _ChannelRead:
             self.seen[ts] = before
             return
         reason = capture_reason(message, c.rules, c._config_bots())
-        if reason and reason.startswith("reaction:"):  # a bot's reaction does not count: look reactors up
-            reason = capture_reason(message, c.rules, c._bots_among(reactors(message, c.rules.capture)))
+        if reason is not None:  # neither a bot user's prefix nor a bot's reaction counts: look them up
+            people = [message.get("user") or "", *reactors(message, c.rules.capture)]
+            reason = capture_reason(message, c.rules, c._bots_among([u for u in people if u]))
         if reason is None and (before is None or message.get("subtype") not in TASK_SUBTYPES):
             return  # not a task; a deleted one (tombstone) is cancelled by the next --full
         if thread is None and message.get("latest_reply") and message.get("thread_ts") == ts:

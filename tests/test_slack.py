@@ -398,6 +398,17 @@ def test_capture_by_reaction_and_by_prefix(store: Store, slack: SlackStandin, cl
     assert all(reporters.values())
 
 
+def test_a_bot_user_cannot_capture_by_prefix(store: Store, slack: SlackStandin, clock: Clock) -> None:
+    slack.add_user("U08CIBOT", "cibot")
+    slack.post(OPS, DEPLOYBOT, "TODO: x")  # users.info says is_bot, though the post has no bot_id
+    slack.post(OPS, "U08CIBOT", "TODO: rerun the nightly build")  # `bots` names it
+    flagged = slack.post(OPS, DEPLOYBOT, "TODO: restart the canary")
+    slack.react(OPS, flagged, "task", ALICE)  # a person's capture reaction still counts
+    sync(store, slack, clock, bots=["cibot"])
+    found = tasks(store)
+    assert list(found) == [f"{OPS}:{flagged}"] and found[f"{OPS}:{flagged}"]["extra"]["captured_by"] == "reaction:task"
+
+
 def test_reaction_added_later_inside_the_lookback_window_is_seen(
     store: Store, slack: SlackStandin, clock: Clock
 ) -> None:
