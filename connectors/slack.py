@@ -14,9 +14,9 @@ Slack reports reactions without a time: a change in a message's (human) reaction
 the sync that first saw it, which bounds the error by the sync interval.
 
 Pushes carry their idempotency key in message `metadata` (event type `trackloop_action`); before
-posting, the target conversation's recent history (or the thread) is searched for it, so a retry
-after a crash never doubles a message. Digests are split so every part respects Block Kit limits,
-each part keyed by its number, and a retry posts only the parts that are missing.
+posting, the target conversation's history of the last `push_lookback` (or the thread) is searched
+for it, so a retry after a crash never doubles a message. Digests are split so every part respects
+Block Kit limits, each part keyed by its number, and a retry posts only the parts that are missing.
 """
 
 from __future__ import annotations
@@ -206,8 +206,13 @@ class SlackConfig(ConnectorConfig):
         200,
         ge=1,
         le=999,
-        description="Recent messages of the target conversation searched for an earlier delivery "
-        "before posting.",
+        description="Messages per conversations.history call when the target conversation is searched "
+        "for an earlier delivery before posting.",
+    )
+    push_lookback: Duration = Field(
+        timedelta(days=2),
+        description="How far back that search goes (newest first, stopping once the post is found); a "
+        "retry of an action first attempted longer ago than this may post it again.",
     )
     timeout: Duration = Field(timedelta(seconds=30), description="HTTP timeout per request.")
 
@@ -1095,31 +1100,30 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
             if not cursor:
                 return
 
-    def _paged(self, method: str, key: str, **kwargs: Any) -> list[Any]:
-        """Every item of a cursor-paged listing, in the order Slack sends them."""
-        found: list[Any] = []
+    def _paged(self, method: str, key: str, **kwargs: Any) -> Iterator[Any]:
+        """Every item of a cursor-paged listing, in the order Slack sends them; a page is read when needed."""
         cursor = None
         while True:
             page = self._read(method, **kwargs, **({"cursor": cursor} if cursor else {}))
             items = page.get(key)
             if not isinstance(items, list):
                 raise PayloadError(f"slack {self.name}: {method} {kwargs.get('channel')}: no {key} list")
-            found.extend(items)
+            yield from items
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor:
-                return found
+                return
 
     def _history(self, channel: str, oldest: str) -> list[dict[str, Any]]:
         """Every top-level message since `oldest` (inclusive), oldest first."""
         kwargs: dict[str, Any] = {"channel": channel, "limit": self.config.page_size, "inclusive": True,
                                   "include_all_metadata": True, "oldest": oldest}
-        return self._readable(channel, reversed(self._paged("conversations.history", "messages", **kwargs)))
+        return self._readable(channel, reversed(list(self._paged("conversations.history", "messages", **kwargs))))
 
     def _replies(self, channel: str, ts: str) -> list[dict[str, Any]]:
         """A thread's replies (the parent left out), oldest first; [] when the thread is gone."""
         try:
-            found = self._paged("conversations.replies", "messages", channel=channel, ts=ts, limit=1000,
-                                include_all_metadata=True)
+            found = list(self._paged("conversations.replies", "messages", channel=channel, ts=ts, limit=1000,
+                                     include_all_metadata=True))
         except SlackError as exc:
             if exc.code == "thread_not_found":
                 return []
@@ -1236,7 +1240,7 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
                 text += f"\n{link}"
             messages = [(_cut(text, TEXT_MAX), None)]
 
-        delivered = self._delivered(conversation, thread_ts, action.key)
+        delivered = self._delivered(conversation, thread_ts, action.key, len(messages))
         posted: dict[int, str] = dict(delivered)
         for number, (text, blocks) in enumerate(messages, 1):
             if number in posted:
@@ -1282,15 +1286,20 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
         raise PushError(f'slack {self.name}: expected a channel id or "#name", got {target!r}',
                         permanent=True)
 
-    def _delivered(self, conversation: str, thread_ts: str | None, key: str) -> dict[int, str]:
-        """Parts of `key` already posted there (part number -> ts), from trackloop's message metadata."""
+    def _delivered(self, conversation: str, thread_ts: str | None, key: str, parts: int) -> dict[int, str]:
+        """Parts of `key` already posted there (part number -> ts), from trackloop's message metadata.
+
+        A conversation is searched newest first, `push_lookback` back: a retry (the outbox's, or
+        `outbox retry` by hand) comes after the attempt it repeats, and the search stops once every
+        part is found.
+        """
         if thread_ts:
             messages = self._paged("conversations.replies", "messages", channel=conversation, ts=thread_ts,
                                    limit=1000, include_all_metadata=True)
-        else:  # the newest messages: a retry comes soon after the attempt it repeats
-            recent = self._read("conversations.history", channel=conversation,
-                                limit=self.config.push_search, include_all_metadata=True)
-            messages = recent.get("messages") or []
+        else:
+            messages = self._paged("conversations.history", "messages", channel=conversation,
+                                   limit=self.config.push_search, include_all_metadata=True,
+                                   oldest=datetime_ts(self.now() - self.config.push_lookback))
         found: dict[int, str] = {}
         for message in messages:
             if not isinstance(message, dict) or not message.get("bot_id") or not is_own_post(message):
@@ -1298,6 +1307,8 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
             payload = message["metadata"].get("event_payload") or {}
             if payload.get("key") == key:
                 found[int(payload.get("part") or 1)] = str(message.get("ts"))
+                if found.keys() >= set(range(1, parts + 1)):
+                    break
         return found
 
 

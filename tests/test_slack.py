@@ -742,6 +742,23 @@ def test_dm_is_delivered_once_across_a_crash(slack: SlackStandin, clock: Clock) 
     assert third.already_delivered and len(slack.sent()) == 1
 
 
+def test_a_late_retry_in_a_busy_channel_still_finds_the_earlier_post(slack: SlackStandin, clock: Clock) -> None:
+    for i in range(60):
+        slack.post(OPS, BOB, f"older chatter {i}")
+    action = Action(key="weekly:ops", kind="channel", target=OPS, text="weekly: 3 open")
+    connector(slack, clock, push_search=50).push(action)
+    later(slack, clock, hours=6)
+    for i in range(120):  # a busy channel buries the post under more than one search page
+        slack.post(OPS, BOB, f"chatter {i}")
+    slack.reset_log()
+    retry = connector(slack, clock, push_search=50).push(action)
+    assert retry.already_delivered and len(slack.sent(OPS)) == 1
+    assert requests_by_method(slack) == {"conversations.history": 3}  # paged back, stopped once found
+
+    later(slack, clock, days=2)  # the documented bound: a retry later than push_lookback posts again
+    assert not connector(slack, clock, push_search=50).push(action).already_delivered
+
+
 def test_reply_goes_into_the_task_thread_and_channel_by_name(slack: SlackStandin, clock: Clock) -> None:
     parent = slack.post(OPS, ALICE, "migration plan")
     reply = slack.reply(OPS, parent, BOB, "TODO: snapshot first")
