@@ -861,7 +861,7 @@ class _ChannelRead:
             )
 
     def consider_replies(self, thread: Sequence[dict[str, Any]], window_start: int, moved: bool) -> None:
-        """A thread's replies; of one re-read only for its captured replies, those inside the window."""
+        """All replies of a thread that moved; of one re-read for its captured replies, those in the window."""
         for reply in thread:
             if moved or ts_key(reply["ts"]) >= window_start:  # older ones stay frozen as last seen
                 self.consider(reply, ())
@@ -1167,8 +1167,8 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
                 continue  # a reply also sent to the channel: it is handled with its thread
             if ts_key(ts) > ts_key(top):
                 top = ts
-            if prev is not None and not full and ts_key(ts) < min(window_start, ts_key(prev.top) + 1):
-                continue  # the newest message of a quiet channel, read before and older than the window: frozen
+            if prev is not None and not full and ts_key(ts) < window_start and ts_key(ts) <= ts_key(prev.top):
+                continue  # read before and now older than the window (a quiet channel's newest): frozen
             latest = message.get("latest_reply")
             thread = None
             moved = False

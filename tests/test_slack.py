@@ -618,6 +618,19 @@ def test_request_counts_cold_incremental_idle(store: Store, slack: SlackStandin,
     assert (incremental.upserts.inserted, incremental.upserts.updated) == (1, 2)
 
 
+def test_a_quiet_channel_costs_one_call_once_its_newest_message_leaves_the_window(
+    store: Store, slack: SlackStandin, clock: Clock
+) -> None:
+    ts = slack.post(OPS, ALICE, "TODO: archive the 2025 tickets")
+    slack.reply(OPS, ts, BOB, "on it")
+    sync(store, slack, clock)
+    later(slack, clock, days=8)  # nothing posted since: the read starts at that (now old) message
+    slack.reset_log()
+    idle = sync(store, slack, clock)
+    assert requests_by_method(slack) == {"conversations.history": 1}
+    assert (idle.upserts.inserted, idle.upserts.updated) == (0, 0)
+
+
 def test_rate_limit_storm_is_ridden_out(store: Store, slack: SlackStandin, clock: Clock) -> None:
     parent = slack.post(OPS, ALICE, "TODO: patch the hypervisors")
     slack.reply(OPS, parent, BOB, "tonight?")
