@@ -21,7 +21,7 @@ ever marked as read):
   UID FETCH away. A reply whose thread is older than that is found by searching the folder
   (`SEARCH HEADER Message-ID/References/In-Reply-To`, and `SUBJECT` for the fallback).
 - Every captured message gets `mark_keyword` through a separate read-write SELECT + STORE (never
-  \\Seen), just before its page is handed to the store.
+  \\Seen), just before its page is handed to the store; not in a dry run (`state.dry_run`).
 
 Push: `reply`/`comment` answer in the task's thread (In-Reply-To/References from the task's
 extra), `email` sends a plain message. The Message-ID is derived from the action's key; the Sent
@@ -1261,9 +1261,11 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         work = _Work(dict(cursor.folders), {(m.folder, m.root): m for m in cursor.threads})
         work.prune(self.now(), self.config.thread_window, self.config.thread_memory)  # the limits may be new
         for folder in self.config.folders:
-            yield from self._pull_folder(folder, work, full=state.full)
+            yield from self._pull_folder(folder, work, full=state.full, dry_run=state.dry_run)
 
-    def _pull_folder(self, folder: str, work: _Work, *, full: bool) -> Iterator[Page[ImapCursor]]:
+    def _pull_folder(
+        self, folder: str, work: _Work, *, full: bool, dry_run: bool
+    ) -> Iterator[Page[ImapCursor]]:
         info = self.call(lambda: self._select(self._connected(), folder, True, fresh=True))
         uidvalidity = int(info[b"UIDVALIDITY"])
         uidnext = info.get(b"UIDNEXT")
@@ -1297,7 +1299,7 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         for index, window in enumerate(windows):
             touched = sorted({*window, *(changed if index == 0 else ())})
             batch = self._build(folder, touched, set(window), work) if touched else _Batch()
-            own = self._mark(folder, batch.capture)
+            own = [] if dry_run else self._mark(folder, batch.capture)  # a dry run writes nothing remotely
             state = FolderState(
                 uidvalidity=uidvalidity,
                 last_uid=max(state.last_uid, window[-1] if window else 0),

@@ -61,6 +61,7 @@ from store.errors import ConfigError
 from store.models import Task, TaskEvent
 from sync.config import parse_config
 from sync.engine import SyncEngine, SyncResult
+from sync.pipeline import Pipeline
 from sync.standins.imap import ImapStandin
 from tests.conftest import Clock
 from tests.contract import ConnectorContract
@@ -854,6 +855,21 @@ def test_messages_are_never_marked_seen_and_captured_ones_get_the_keyword(env: E
     assert flags[uid] == {"$Tracked"} and flags[seen] == {"\\Seen", "$Tracked"}
     assert "$Tracked" not in flags[bounce]  # not captured: a bounce is no task
     assert env.sync(mark_keyword="").ok and box.flags() == flags
+
+
+@pytest.mark.imap
+def test_a_dry_run_sets_no_keyword_on_the_server(env: Env) -> None:
+    """`sync --dry-run` writes nothing, locally or remotely: no STORE of mark_keyword either."""
+    box = env.box
+    root, _ = seed_thread(box, 1)
+    reply_to(box, root, 1, at=T0 + timedelta(hours=1))
+    before = box.flags()
+    report = Pipeline(env.store, env.config(), TYPES, clock=env.clock).sync(dry_run=True)
+    [result] = report.syncs
+    assert result.ok and result.upserts.inserted == 1, result.error
+    assert box.flags() == before and not any("$Tracked" in flags for flags in before.values())
+    assert env.tasks() == {}
+    assert env.sync().ok and all("$Tracked" in flags for flags in box.flags().values())
 
 
 @pytest.mark.imap
