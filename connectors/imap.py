@@ -25,8 +25,10 @@ ever marked as read):
 
 Push: `reply`/`comment` answer in the task's thread (In-Reply-To/References from the task's
 extra), `email` sends a plain message. The Message-ID is derived from the action's key; the Sent
-folder and the thread's folder are searched for it first, so a crash between sending and
-recording the delivery never sends twice. A copy is filed in the Sent folder after sending.
+folder and the thread's folder are searched for it first, and a copy is filed in the Sent folder
+right after the send (one APPEND on the connection that searched), so once that copy is filed a
+crash never sends twice. SMTP has no idempotency: a crash between the send and the APPEND, or a
+failed APPEND followed by a lost outbox record, can still send the message again.
 """
 
 from __future__ import annotations
@@ -1627,8 +1629,9 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         return {}
 
     def _file_sent(self, message: EmailMessage) -> None:
-        """File a copy in the Sent folder (created if missing); a failure is only logged, since the
-        mail itself went out and the outbox records that."""
+        """File a copy in the Sent folder (created if missing): it is what a retry finds, so it is
+        retried like a read (a second copy costs less than a second send). A failure is only logged,
+        since the mail itself went out and the outbox records that."""
         folder = self.config.sent_folder
         raw = message.as_bytes()
 
@@ -1645,10 +1648,11 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 client.append(folder, raw, flags=[b"\\Seen"], msg_time=self.now())
 
         try:
-            self.once(append)
+            self.call(append)
         except ConnectorError as exc:
             self.log.warning(
-                "%s: sent %s but could not file it in %s (%s); only the outbox now guards against a resend",
+                "%s: sent %s but could not file it in %s (%s); should the outbox not record this delivery "
+                "(a crash, a lost store), a retry may send it again",
                 self.name,
                 message["Message-ID"],
                 folder,

@@ -1036,6 +1036,35 @@ def test_a_reply_is_sent_once_across_a_crash(env: Env, smtp_sink: SmtpSink) -> N
 
 
 @pytest.mark.imap
+def test_the_sent_copy_survives_a_dropped_connection_and_a_failed_one_warns_of_a_resend(
+    env: Env, smtp_sink: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, _ = seed_thread(env.box, 1)
+    env.sync()
+    extra = env.tasks()["req-1@client.example"].extra
+    relay = Relay(env.account["host"], env.account["port"])
+    try:
+        connector = env.connector(smtp=smtp_of(smtp_sink), port=relay.port)
+        relay.drop_appends = 1  # the connection breaks as the copy is filed: it is filed again
+        action = Action(key="k5", kind="reply", text="Fixed?", task_external_id=root, task_extra=extra)
+        assert not connector.push(action).already_delivered
+        assert env.box.search("Sent", "HEADER", "Message-ID", message_id_for("k5", "example.com"))
+        assert connector.push(action).already_delivered and len(smtp_sink.messages) == 1
+
+        relay.drop_appends = 100  # filing fails for good: the mail went out, and the log says what that risks
+        lost = replace(action, key="k6")
+        with caplog.at_level(logging.WARNING, logger="trackloop.connector.mail"):
+            assert not connector.push(lost).already_delivered
+        assert "could not file it in Sent" in caplog.text and "a retry may send it again" in caplog.text
+        assert not env.box.search("Sent", "HEADER", "Message-ID", message_id_for("k6", "example.com"))
+        assert not connector.push(lost).already_delivered  # the window SMTP leaves open: sent twice
+        assert len(smtp_sink.messages) == 3
+    finally:
+        connector.close()
+        relay.close()
+
+
+@pytest.mark.imap
 def test_a_reply_found_in_the_thread_folder_is_not_sent_again(env: Env, smtp_sink: SmtpSink) -> None:
     root, _ = seed_thread(env.box, 1)
     env.sync()
@@ -1105,8 +1134,9 @@ _SOURCES = itertools.count(10)
 
 
 class Relay:
-    """A TCP relay in front of Dovecot that counts IMAP commands and can drop a connection the
-    moment a listing command (UID SEARCH / UID FETCH) arrives, as a flaky network would.
+    """A TCP relay in front of Dovecot that counts IMAP commands and the bytes the server sends,
+    and can drop a connection the moment a listing command (UID SEARCH / UID FETCH) or an APPEND
+    arrives, as a flaky network would.
 
     Each relay talks to Dovecot from its own loopback address (127.0.0.N): Dovecot delays logins
     from an address that recently failed one, and that must not slow down the next test."""
@@ -1115,7 +1145,9 @@ class Relay:
         self.upstream = (host, port)
         self.source = f"127.0.0.{next(_SOURCES) % 250 + 2}"
         self.commands = 0
+        self.received = 0  # bytes from the server to the client
         self.drop_listings = 0
+        self.drop_appends = 0
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -1138,6 +1170,8 @@ class Relay:
         def downstream() -> None:
             try:
                 while data := upstream.recv(65536):
+                    with self.lock:
+                        self.received += len(data)
                     client.sendall(data)
             except OSError:
                 pass
@@ -1161,9 +1195,11 @@ class Relay:
                     buffer = rest
                     with self.lock:
                         self.commands += 1
-                        drop = self.drop_listings > 0 and re.match(rb"^\S+ UID (SEARCH|FETCH)", line)
+                        drop = bool(self.drop_listings > 0 and re.match(rb"^\S+ UID (SEARCH|FETCH)", line))
                         if drop:
                             self.drop_listings -= 1
+                        elif self.drop_appends > 0 and re.match(rb"^\S+ APPEND", line):
+                            drop, self.drop_appends = True, self.drop_appends - 1
                     if drop:
                         raise ConnectionResetError
                     size = re.search(rb"\{(\d+)\+?\}$", line)
