@@ -937,6 +937,25 @@ def test_full_sync_cancels_threads_whose_mail_was_expunged(env: Env) -> None:
 
 
 @pytest.mark.imap
+def test_attachments_are_never_downloaded(env: Env) -> None:
+    """A 2 MB attachment next to a one-line text part: the bytes on the wire stay far below it."""
+    raw = (CORPUS / "13-big-attachment.eml").read_bytes()
+    assert len(raw) > 2_000_000
+    env.box.append(raw)
+    relay = Relay(env.account["host"], env.account["port"])
+    try:
+        for full in (False, True):  # the first sync and a --full re-read alike
+            before = relay.received
+            result = env.sync(full=full, port=relay.port)
+            assert result.ok, result.error
+            assert relay.received - before < 200_000
+    finally:
+        relay.close()
+    [task] = env.tasks().values()
+    assert "Signed contract attached" in task.body
+
+
+@pytest.mark.imap
 def test_an_unreadable_message_is_skipped_with_a_warning(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     seed_thread(env.box, 1)
     env.box.append(b"this is not an email at all\r\n")
