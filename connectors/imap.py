@@ -55,7 +55,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from connectors.base import Connector, ConnectorConfig
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, TransientError
-from connectors.smtp import SmtpConfig, SmtpSender, address_domain, is_loopback, message_id_for, tls_context
+from connectors.smtp import (
+    SmtpConfig,
+    SmtpSender,
+    address_domain,
+    is_loopback,
+    message_id_for,
+    one_tls_mode,
+    tls_context,
+)
 from store.canonical import (
     Action,
     ActivityRecord,
@@ -148,7 +156,7 @@ class ImapFilter(BaseModel):
 class ImapConfig(ConnectorConfig):
     host: str = Field(description="IMAP server host name, e.g. imap.example.com.")
     port: int | None = Field(None, ge=1, le=65535, description="Server port; default 993 with ssl, else 143.")
-    ssl: bool = Field(True, description="Implicit TLS (IMAPS, port 993).")
+    ssl: bool = Field(True, description="Implicit TLS (IMAPS, port 993); off when only starttls is set.")
     starttls: bool = Field(False, description="Plain connection upgraded with STARTTLS (port 143).")
     ssl_verify: bool = Field(True, description="Verify the server's TLS certificate (off: tests only).")
     username: str = Field(description="Login name, e.g. support@example.com.")
@@ -233,8 +241,7 @@ class ImapConfig(ConnectorConfig):
 
     @model_validator(mode="after")
     def _tls(self) -> ImapConfig:
-        if self.ssl and self.starttls:
-            raise ValueError("choose one: ssl = true (port 993) or starttls = true (port 143), not both")
+        one_tls_mode(self, "choose one: ssl = true (port 993) or starttls = true (port 143), not both")
         return self
 
     @property

@@ -613,7 +613,11 @@ BASE = {"type": "imap", "host": "imap.example.com", "username": "support@example
 @pytest.mark.parametrize(
     ("extra", "path", "message"),
     [
-        ({"starttls": True}, "connectors.mail", "choose one: ssl = true (port 993) or starttls = true"),
+        (
+            {"starttls": True, "ssl": True},
+            "connectors.mail",
+            "choose one: ssl = true (port 993) or starttls = true",
+        ),
         (
             {"mark_keyword": "\\Seen"},
             "connectors.mail.mark_keyword",
@@ -645,6 +649,19 @@ def test_config_defaults_and_secrets() -> None:
     assert (cfg.effective_port, cfg.ssl, cfg.folders, cfg.mark_keyword) == (993, True, ["INBOX"], "$Tracked")
     assert "s3cret" in config.secrets() and "s3cret" not in repr(cfg)
     assert load({**BASE, "ssl": False, "starttls": True}).connectors["mail"].effective_port == 143
+
+
+def test_starttls_alone_turns_the_implicit_tls_default_off() -> None:
+    alone = load({**BASE, "starttls": True}).connectors["mail"]
+    assert (alone.ssl, alone.starttls, alone.effective_port) == (False, True, 143)
+    by_env = parse_config(
+        {"connectors": {"mail": BASE}},
+        env={"PW": "s3cret", "TRACKLOOP_CONNECTORS__MAIL__STARTTLS": "true"},
+        connector_types=TYPES,
+    ).connectors["mail"]
+    assert (by_env.ssl, by_env.starttls) == (False, True)
+    kept = load({**BASE, "starttls": False}).connectors["mail"]
+    assert (kept.ssl, kept.effective_port) == (True, 993)
     assert all(f.description for f in ImapConfig.model_fields.values())
 
 
