@@ -9,8 +9,9 @@ ever marked as read):
   our own keyword STOREs produced are remembered and left out of that search by the server.
   A changed UIDVALIDITY, a folder's first sync and `--full` re-read the whole folder; task ids
   are Message-IDs, so a rebuilt mailbox re-maps onto the same tasks, and the complete listing
-  lets the engine cancel threads whose mail is gone (the UID-list diff imapclient's lack of
-  QRESYNC calls for).
+  lets the engine cancel threads whose mail is gone. (Not a diff of the UID list: the engine
+  cancels what a complete listing did not yield, so every thread's record, built from all its
+  messages, must be yielded; and the cursor cannot map a vanished UID to its thread.)
 - Only headers, flags and BODYSTRUCTURE are fetched for every message; then only the chosen text
   part's section, at most 64 KiB of it: attachments are never downloaded.
 - A thread (Message-ID / In-Reply-To / References, then a "Re:"-subject fallback) is one task,
