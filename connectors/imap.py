@@ -9,8 +9,9 @@ ever marked as read):
   our own keyword STOREs produced are remembered and left out of that search by the server.
   A changed UIDVALIDITY, a folder's first sync and `--full` re-read the whole folder; task ids
   are Message-IDs, so a rebuilt mailbox re-maps onto the same tasks, and the complete listing
-  lets the engine cancel threads whose mail is gone (the UID-list diff imapclient's lack of
-  QRESYNC calls for).
+  lets the engine cancel threads whose mail is gone. (Not a diff of the UID list: the engine
+  cancels what a complete listing did not yield, so every thread's record, built from all its
+  messages, must be yielded; and the cursor cannot map a vanished UID to its thread.)
 - Only headers, flags and BODYSTRUCTURE are fetched for every message; then only the chosen text
   part's section, at most 64 KiB of it: attachments are never downloaded.
 - A thread (Message-ID / In-Reply-To / References, then a "Re:"-subject fallback) is one task,
@@ -21,12 +22,14 @@ ever marked as read):
   UID FETCH away. A reply whose thread is older than that is found by searching the folder
   (`SEARCH HEADER Message-ID/References/In-Reply-To`, and `SUBJECT` for the fallback).
 - Every captured message gets `mark_keyword` through a separate read-write SELECT + STORE (never
-  \\Seen), just before its page is handed to the store.
+  \\Seen), just before its page is handed to the store; not in a dry run (`state.dry_run`).
 
 Push: `reply`/`comment` answer in the task's thread (In-Reply-To/References from the task's
 extra), `email` sends a plain message. The Message-ID is derived from the action's key; the Sent
-folder and the thread's folder are searched for it first, so a crash between sending and
-recording the delivery never sends twice. A copy is filed in the Sent folder after sending.
+folder and the thread's folder are searched for it first, and a copy is filed in the Sent folder
+right after the send (one APPEND on the connection that searched), so once that copy is filed a
+crash never sends twice. SMTP has no idempotency: a crash between the send and the APPEND, or a
+failed APPEND followed by a lost outbox record, can still send the message again.
 """
 
 from __future__ import annotations
@@ -53,7 +56,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from connectors.base import Connector, ConnectorConfig
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, TransientError
-from connectors.smtp import SmtpConfig, SmtpSender, address_domain, is_loopback, message_id_for, tls_context
+from connectors.smtp import (
+    SmtpConfig,
+    SmtpSender,
+    address_domain,
+    is_loopback,
+    message_id_for,
+    one_tls_mode,
+    tls_context,
+)
 from store.canonical import (
     Action,
     ActivityRecord,
@@ -146,7 +157,7 @@ class ImapFilter(BaseModel):
 class ImapConfig(ConnectorConfig):
     host: str = Field(description="IMAP server host name, e.g. imap.example.com.")
     port: int | None = Field(None, ge=1, le=65535, description="Server port; default 993 with ssl, else 143.")
-    ssl: bool = Field(True, description="Implicit TLS (IMAPS, port 993).")
+    ssl: bool = Field(True, description="Implicit TLS (IMAPS, port 993); off when only starttls is set.")
     starttls: bool = Field(False, description="Plain connection upgraded with STARTTLS (port 143).")
     ssl_verify: bool = Field(True, description="Verify the server's TLS certificate (off: tests only).")
     username: str = Field(description="Login name, e.g. support@example.com.")
@@ -231,8 +242,7 @@ class ImapConfig(ConnectorConfig):
 
     @model_validator(mode="after")
     def _tls(self) -> ImapConfig:
-        if self.ssl and self.starttls:
-            raise ValueError("choose one: ssl = true (port 993) or starttls = true (port 143), not both")
+        one_tls_mode(self, "choose one: ssl = true (port 993) or starttls = true (port 143), not both")
         return self
 
     @property
@@ -1261,9 +1271,11 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         work = _Work(dict(cursor.folders), {(m.folder, m.root): m for m in cursor.threads})
         work.prune(self.now(), self.config.thread_window, self.config.thread_memory)  # the limits may be new
         for folder in self.config.folders:
-            yield from self._pull_folder(folder, work, full=state.full)
+            yield from self._pull_folder(folder, work, full=state.full, dry_run=state.dry_run)
 
-    def _pull_folder(self, folder: str, work: _Work, *, full: bool) -> Iterator[Page[ImapCursor]]:
+    def _pull_folder(
+        self, folder: str, work: _Work, *, full: bool, dry_run: bool
+    ) -> Iterator[Page[ImapCursor]]:
         info = self.call(lambda: self._select(self._connected(), folder, True, fresh=True))
         uidvalidity = int(info[b"UIDVALIDITY"])
         uidnext = info.get(b"UIDNEXT")
@@ -1297,7 +1309,7 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         for index, window in enumerate(windows):
             touched = sorted({*window, *(changed if index == 0 else ())})
             batch = self._build(folder, touched, set(window), work) if touched else _Batch()
-            own = self._mark(folder, batch.capture)
+            own = [] if dry_run else self._mark(folder, batch.capture)  # a dry run writes nothing remotely
             state = FolderState(
                 uidvalidity=uidvalidity,
                 last_uid=max(state.last_uid, window[-1] if window else 0),
@@ -1625,8 +1637,9 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
         return {}
 
     def _file_sent(self, message: EmailMessage) -> None:
-        """File a copy in the Sent folder (created if missing); a failure is only logged, since the
-        mail itself went out and the outbox records that."""
+        """File a copy in the Sent folder (created if missing): it is what a retry finds, so it is
+        retried like a read (a second copy costs less than a second send). A failure is only logged,
+        since the mail itself went out and the outbox records that."""
         folder = self.config.sent_folder
         raw = message.as_bytes()
 
@@ -1643,10 +1656,11 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
                 client.append(folder, raw, flags=[b"\\Seen"], msg_time=self.now())
 
         try:
-            self.once(append)
+            self.call(append)
         except ConnectorError as exc:
             self.log.warning(
-                "%s: sent %s but could not file it in %s (%s); only the outbox now guards against a resend",
+                "%s: sent %s but could not file it in %s (%s); should the outbox not record this delivery "
+                "(a crash, a lost store), a retry may send it again",
                 self.name,
                 message["Message-ID"],
                 folder,

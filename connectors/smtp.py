@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -40,7 +41,9 @@ class SmtpConfig(BaseModel):
     port: int | None = Field(
         None, ge=1, le=65535, description="Server port; default 465 with ssl, 587 with starttls, else 25."
     )
-    starttls: bool = Field(True, description="Upgrade the connection with STARTTLS (port 587 style).")
+    starttls: bool = Field(
+        True, description="Upgrade the connection with STARTTLS (port 587 style); off when only ssl is set."
+    )
     ssl: bool = Field(False, description="Implicit TLS from the first byte (port 465 style).")
     ssl_verify: bool = Field(True, description="Verify the server's TLS certificate (off: tests only).")
     username: str | None = Field(None, description="Login name; no login when absent.")
@@ -49,8 +52,7 @@ class SmtpConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SmtpConfig:
-        if self.ssl and self.starttls:
-            raise ValueError("choose one: ssl = true (implicit TLS, port 465) or starttls = true (port 587)")
+        one_tls_mode(self, "choose one: ssl = true (implicit TLS, port 465) or starttls = true (port 587)")
         if self.password is not None and not self.username:
             raise ValueError("password is set but username is missing")
         return self
@@ -75,6 +77,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class TlsChoice(Protocol):
+    ssl: bool
+    starttls: bool
+    model_fields_set: set[str]
+
+
+def one_tls_mode(config: TlsChoice, conflict: str) -> None:
+    """`ssl` and `starttls` exclude each other. The one a config sets turns the other's default off
+    (`starttls = true` alone means no implicit TLS); both set true is the `conflict` error."""
+    if not (config.ssl and config.starttls):
+        return
+    given = config.model_fields_set & {"ssl", "starttls"}
+    if len(given) != 1:
+        raise ValueError(conflict)
+    defaulted = "starttls" if "ssl" in given else "ssl"
+    object.__setattr__(config, defaulted, False)  # during validation, before the model is handed out
 
 
 def tls_context(verify: bool) -> ssl.SSLContext:

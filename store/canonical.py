@@ -150,6 +150,7 @@ class SyncState(Generic[CursorT]):
     cursor: CursorT | None = None
     validators: Mapping[str, str] = field(default_factory=dict)
     full: bool = False  # re-list everything and reconcile what is gone
+    dry_run: bool = False  # nothing is committed: the pull must not write to the source either
 
 
 @dataclass(frozen=True, slots=True)

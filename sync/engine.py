@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -163,8 +163,8 @@ class SyncEngine:
         result.requests = connector.stats
         record = session is None
         try:
-            if session is not None:
-                state = self._state(session, connector, full)
+            if session is not None:  # a dry run (run_in): the source must stay untouched too
+                state = replace(self._state(session, connector, full), dry_run=True)
                 self._consume(connector, state, result, transaction=lambda: nullcontext(session))
             else:
                 self._pull(connector, result, full, control)

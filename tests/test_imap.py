@@ -61,6 +61,7 @@ from store.errors import ConfigError
 from store.models import Task, TaskEvent
 from sync.config import parse_config
 from sync.engine import SyncEngine, SyncResult
+from sync.pipeline import Pipeline
 from sync.standins.imap import ImapStandin
 from tests.conftest import Clock
 from tests.contract import ConnectorContract
@@ -612,7 +613,11 @@ BASE = {"type": "imap", "host": "imap.example.com", "username": "support@example
 @pytest.mark.parametrize(
     ("extra", "path", "message"),
     [
-        ({"starttls": True}, "connectors.mail", "choose one: ssl = true (port 993) or starttls = true"),
+        (
+            {"starttls": True, "ssl": True},
+            "connectors.mail",
+            "choose one: ssl = true (port 993) or starttls = true",
+        ),
         (
             {"mark_keyword": "\\Seen"},
             "connectors.mail.mark_keyword",
@@ -644,6 +649,19 @@ def test_config_defaults_and_secrets() -> None:
     assert (cfg.effective_port, cfg.ssl, cfg.folders, cfg.mark_keyword) == (993, True, ["INBOX"], "$Tracked")
     assert "s3cret" in config.secrets() and "s3cret" not in repr(cfg)
     assert load({**BASE, "ssl": False, "starttls": True}).connectors["mail"].effective_port == 143
+
+
+def test_starttls_alone_turns_the_implicit_tls_default_off() -> None:
+    alone = load({**BASE, "starttls": True}).connectors["mail"]
+    assert (alone.ssl, alone.starttls, alone.effective_port) == (False, True, 143)
+    by_env = parse_config(
+        {"connectors": {"mail": BASE}},
+        env={"PW": "s3cret", "TRACKLOOP_CONNECTORS__MAIL__STARTTLS": "true"},
+        connector_types=TYPES,
+    ).connectors["mail"]
+    assert (by_env.ssl, by_env.starttls) == (False, True)
+    kept = load({**BASE, "starttls": False}).connectors["mail"]
+    assert (kept.ssl, kept.effective_port) == (True, 993)
     assert all(f.description for f in ImapConfig.model_fields.values())
 
 
@@ -857,6 +875,21 @@ def test_messages_are_never_marked_seen_and_captured_ones_get_the_keyword(env: E
 
 
 @pytest.mark.imap
+def test_a_dry_run_sets_no_keyword_on_the_server(env: Env) -> None:
+    """`sync --dry-run` writes nothing, locally or remotely: no STORE of mark_keyword either."""
+    box = env.box
+    root, _ = seed_thread(box, 1)
+    reply_to(box, root, 1, at=T0 + timedelta(hours=1))
+    before = box.flags()
+    report = Pipeline(env.store, env.config(), TYPES, clock=env.clock).sync(dry_run=True)
+    [result] = report.syncs
+    assert result.ok and result.upserts.inserted == 1, result.error
+    assert box.flags() == before and not any("$Tracked" in flags for flags in before.values())
+    assert env.tasks() == {}
+    assert env.sync().ok and all("$Tracked" in flags for flags in box.flags().values())
+
+
+@pytest.mark.imap
 @pytest.mark.parametrize("page_size", [100, 5])
 def test_the_odd_mail_corpus_against_its_manifest(pg_env: Env, page_size: int) -> None:
     """Every corpus message in one folder; with 5 per page and no thread memory, every later page
@@ -918,6 +951,25 @@ def test_full_sync_cancels_threads_whose_mail_was_expunged(env: Env) -> None:
     full = env.sync(full=True)
     assert full.ok and full.upserts.cancelled == 1
     assert env.tasks()["req-1@client.example"].status == "cancelled"
+
+
+@pytest.mark.imap
+def test_attachments_are_never_downloaded(env: Env) -> None:
+    """A 2 MB attachment next to a one-line text part: the bytes on the wire stay far below it."""
+    raw = (CORPUS / "13-big-attachment.eml").read_bytes()
+    assert len(raw) > 2_000_000
+    env.box.append(raw)
+    relay = Relay(env.account["host"], env.account["port"])
+    try:
+        for full in (False, True):  # the first sync and a --full re-read alike
+            before = relay.received
+            result = env.sync(full=full, port=relay.port)
+            assert result.ok, result.error
+            assert relay.received - before < 200_000
+    finally:
+        relay.close()
+    [task] = env.tasks().values()
+    assert "Signed contract attached" in task.body
 
 
 @pytest.mark.imap
@@ -1020,6 +1072,35 @@ def test_a_reply_is_sent_once_across_a_crash(env: Env, smtp_sink: SmtpSink) -> N
 
 
 @pytest.mark.imap
+def test_the_sent_copy_survives_a_dropped_connection_and_a_failed_one_warns_of_a_resend(
+    env: Env, smtp_sink: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, _ = seed_thread(env.box, 1)
+    env.sync()
+    extra = env.tasks()["req-1@client.example"].extra
+    relay = Relay(env.account["host"], env.account["port"])
+    try:
+        connector = env.connector(smtp=smtp_of(smtp_sink), port=relay.port)
+        relay.drop_appends = 1  # the connection breaks as the copy is filed: it is filed again
+        action = Action(key="k5", kind="reply", text="Fixed?", task_external_id=root, task_extra=extra)
+        assert not connector.push(action).already_delivered
+        assert env.box.search("Sent", "HEADER", "Message-ID", message_id_for("k5", "example.com"))
+        assert connector.push(action).already_delivered and len(smtp_sink.messages) == 1
+
+        relay.drop_appends = 100  # filing fails for good: the mail went out, and the log says what that risks
+        lost = replace(action, key="k6")
+        with caplog.at_level(logging.WARNING, logger="trackloop.connector.mail"):
+            assert not connector.push(lost).already_delivered
+        assert "could not file it in Sent" in caplog.text and "a retry may send it again" in caplog.text
+        assert not env.box.search("Sent", "HEADER", "Message-ID", message_id_for("k6", "example.com"))
+        assert not connector.push(lost).already_delivered  # the window SMTP leaves open: sent twice
+        assert len(smtp_sink.messages) == 3
+    finally:
+        connector.close()
+        relay.close()
+
+
+@pytest.mark.imap
 def test_a_reply_found_in_the_thread_folder_is_not_sent_again(env: Env, smtp_sink: SmtpSink) -> None:
     root, _ = seed_thread(env.box, 1)
     env.sync()
@@ -1089,8 +1170,9 @@ _SOURCES = itertools.count(10)
 
 
 class Relay:
-    """A TCP relay in front of Dovecot that counts IMAP commands and can drop a connection the
-    moment a listing command (UID SEARCH / UID FETCH) arrives, as a flaky network would.
+    """A TCP relay in front of Dovecot that counts IMAP commands and the bytes the server sends,
+    and can drop a connection the moment a listing command (UID SEARCH / UID FETCH) or an APPEND
+    arrives, as a flaky network would.
 
     Each relay talks to Dovecot from its own loopback address (127.0.0.N): Dovecot delays logins
     from an address that recently failed one, and that must not slow down the next test."""
@@ -1099,7 +1181,9 @@ class Relay:
         self.upstream = (host, port)
         self.source = f"127.0.0.{next(_SOURCES) % 250 + 2}"
         self.commands = 0
+        self.received = 0  # bytes from the server to the client
         self.drop_listings = 0
+        self.drop_appends = 0
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -1122,6 +1206,8 @@ class Relay:
         def downstream() -> None:
             try:
                 while data := upstream.recv(65536):
+                    with self.lock:
+                        self.received += len(data)
                     client.sendall(data)
             except OSError:
                 pass
@@ -1145,9 +1231,11 @@ class Relay:
                     buffer = rest
                     with self.lock:
                         self.commands += 1
-                        drop = self.drop_listings > 0 and re.match(rb"^\S+ UID (SEARCH|FETCH)", line)
+                        drop = bool(self.drop_listings > 0 and re.match(rb"^\S+ UID (SEARCH|FETCH)", line))
                         if drop:
                             self.drop_listings -= 1
+                        elif self.drop_appends > 0 and re.match(rb"^\S+ APPEND", line):
+                            drop, self.drop_appends = True, self.drop_appends - 1
                     if drop:
                         raise ConnectionResetError
                     size = re.search(rb"\{(\d+)\+?\}$", line)

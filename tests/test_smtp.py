@@ -100,8 +100,10 @@ def test_check_is_one_cheap_round(smtp_sink: SmtpSink) -> None:
 def test_config_rules() -> None:
     assert SmtpConfig(host="smtp.example.com").effective_port == 587
     assert SmtpConfig(host="smtp.example.com", ssl=True, starttls=False).effective_port == 465
+    implicit = SmtpConfig(host="smtp.example.com", ssl=True)  # ssl alone turns the starttls default off
+    assert (implicit.starttls, implicit.effective_port) == (False, 465)
     with pytest.raises(ValueError, match="choose one: ssl = true"):
-        SmtpConfig(host="smtp.example.com", ssl=True)
+        SmtpConfig(host="smtp.example.com", ssl=True, starttls=True)
     with pytest.raises(ValueError, match="password is set but username is missing"):
         SmtpConfig(host="smtp.example.com", password="x")
     assert all(f.description for f in SmtpConfig.model_fields.values())
@@ -133,6 +135,16 @@ def test_connectors_inherit_the_top_level_smtp_table() -> None:
     assert own.connectors["mail"].smtp.host == "mx.local"  # a section's own table wins
     none = load({"connectors": {"mail": IMAP}})
     assert none.smtp is None and none.connectors["mail"].smtp is None
+
+
+def test_ssl_alone_in_the_smtp_table_means_implicit_tls() -> None:
+    config = load({"smtp": {"host": "smtp.example.com", "ssl": True}, "connectors": {"mail": IMAP}})
+    assert config.smtp is not None and (config.smtp.ssl, config.smtp.starttls) == (True, False)
+    assert config.connectors["mail"].smtp == config.smtp
+    with pytest.raises(ConfigError) as info:
+        load({"smtp": {"host": "smtp.example.com", "ssl": True, "starttls": True}, "connectors": {"mail": IMAP}})
+    [problem] = info.value.problems
+    assert problem.path == "smtp" and problem.message.startswith("choose one: ssl = true")
 
 
 def test_a_bad_smtp_table_is_reported_where_it_is() -> None:
