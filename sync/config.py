@@ -14,9 +14,9 @@ import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from connectors.base import Connector, ConnectorConfig
 from connectors.smtp import SmtpConfig
@@ -108,10 +108,19 @@ class DaemonConfig(BaseModel):
         return value
 
 
+def _email(value: str) -> str:
+    """One `email` item, checked alone so a fault names its index (`email[1]`)."""
+    if "@" not in value:
+        raise ValueError(f"expected an email address, got {json.dumps(value)}")
+    return value
+
+
 class PersonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str | None = Field(None, description="Display name.")
-    email: list[str] = Field(default_factory=list, description="Email address, or a list of them.")
+    email: list[Annotated[str, AfterValidator(_email)]] = Field(
+        default_factory=list, description="Email address, or a list of them."
+    )
     github: list[str] = Field(default_factory=list, description="GitHub login(s).")
     jira: list[str] = Field(default_factory=list, description="Jira accountId (Cloud) or username (Server/DC).")
     slack: list[str] = Field(default_factory=list, description="Slack user id(s), e.g. U01ALICE.")
@@ -121,14 +130,6 @@ class PersonConfig(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("email")
-    @classmethod
-    def _emails(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if "@" not in item:
-                raise ValueError(f"expected an email address, got {item!r}")
-        return value
 
     def spec(self, key: str) -> PersonSpec:
         identities = [(IdentityKind.EMAIL.value, v) for v in self.email]

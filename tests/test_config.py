@@ -10,6 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from connectors.csv import CsvConnector
+from connectors.github import GithubConnector
 from connectors.registry import connector_types
 from store.durations import Duration, format_duration, parse_duration
 from store.errors import ConfigError
@@ -113,7 +114,13 @@ def test_connector_section_problems_each_on_a_line() -> None:
 
 def test_list_index_in_path() -> None:
     found = problems({"people": {"a": {"email": ["a@x.org", "not-an-email"]}}})
-    assert found == ["trackloop.toml: people.a.email: expected an email address, got 'not-an-email'"]
+    assert found == ['trackloop.toml: people.a.email[1]: expected an email address, got "not-an-email"']
+    github = {"gh": {"type": "github", "token": "t", "repos": ["acme/api", "acme"]}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"connectors": github}, file="trackloop.toml", env={}, connector_types={"github": GithubConnector})
+    assert [str(p) for p in info.value.problems] == [
+        'trackloop.toml: connectors.gh.repos[1]: expected "owner/name", got "acme"'
+    ]
 
 
 def test_bad_toml_is_one_line(tmp_path: Path) -> None:
