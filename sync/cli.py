@@ -236,14 +236,18 @@ def doctor() -> None:
     types = connector_types()
     rows, failed = [], False
     for name, cfg in config.connectors.items():
-        connector = build_connector(config, types, name)
+        connector = None
         try:
+            connector = build_connector(config, types, name)
             verdict = connector.check()
             ok, detail = verdict.ok, verdict.detail
         except TrackloopError as exc:
             ok, detail = False, str(exc)
+        except Exception as exc:  # a plugin's bug fails its own row, not the whole report
+            ok, detail = False, f"unexpected {exc.__class__.__name__}: {exc}"
         finally:
-            connector.close()
+            if connector is not None:
+                connector.close()
         failed |= not ok
         rows.append([name, cfg.type, "ok" if ok else "FAIL", REDACT(detail)])
     print_table("connectors", ["connector", "type", "check", "detail"], rows)

@@ -106,6 +106,44 @@ def test_failing_connector_exits_1_and_others_still_sync(project: Path) -> None:
     assert statuses["sheet"]["last_success"] and statuses["broken"]["last_error"]
 
 
+def install_plugin(folder: Path, module: str, source: str, entry: str) -> dict[str, str]:
+    """A throwaway plugin distribution on a PYTHONPATH folder; returns the env that finds it."""
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[trackloop.connectors]\n{entry}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+BOOM = """
+from connectors.csv import CsvConnector
+
+class BoomConnector(CsvConnector):
+    kind = "boom"
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("boom in the constructor")
+"""
+
+
+@pytest.mark.parametrize("command", ["sync", "doctor"])
+def test_connector_whose_constructor_raises_fails_alone(project: Path, tmp_path_factory, command: str) -> None:
+    env = install_plugin(tmp_path_factory.mktemp("plugins"), "boom_plugin", BOOM, "boom = boom_plugin:BoomConnector")
+    write_config(project, GOOD + '\n[connectors.bad]\ntype = "boom"\npath = "tasks.csv"\nid_column = "ID"\n'
+                 'columns = { title = "Task" }\n')
+    proc = run(command, cwd=project, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    said = proc.stdout if command == "doctor" else proc.stderr  # sync: the table row, and one line on stderr
+    assert [line for line in said.splitlines() if "boom in" in line] == [
+        "bad\tboom\tFAIL\tunexpected RuntimeError: boom in the constructor" if command == "doctor"
+        else "error: bad: unexpected RuntimeError: boom in the constructor"
+    ]
+    if command == "sync":
+        statuses = {s["connector"]: s for s in json.loads(run("status", "--json", cwd=project, env=env).stdout)}
+        assert statuses["sheet"]["last_success"] and "boom" in statuses["bad"]["last_error"]
+
+
 def test_sync_unknown_connector_is_usage_error(project: Path) -> None:
     proc = run("sync", "--connector", "nope", cwd=project)
     assert proc.returncode == 2 and "connectors.nope: no such connector" in proc.stderr
