@@ -15,7 +15,7 @@ from store.errors import StoreError
 from store.findings import Draft, open_findings, reconcile
 from store.models import Identity, Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver, PersonSpec, sync_people
-from store.queries import TaskFilter, list_tasks, task_json
+from store.queries import TaskFilter, find_task, list_tasks, task_json
 from store.tasks import TaskWriter
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -178,6 +178,16 @@ def test_owner_filter_finds_auto_created_people_by_the_key_tasks_json_prints(sto
         for ext, key in [("1", "slack:U01BOB"), ("2", "github:carol"), ("2", "GitHub:Carol")]:
             assert [t.external_id for t, _ in list_tasks(s, TaskFilter(owner=key))] == [ext]
             assert [v.task.external_id for v in open_findings(s, owner=key)] == [ext]
+
+
+def test_find_task_by_reference_or_url(store: Store) -> None:
+    write(store, [rec("acme/api#42", url="https://github.com/acme/api/issues/42"), rec("acme/api#43")], source="gh")
+    with store.transaction() as s:
+        by_url = find_task(s, "https://github.com/acme/api/issues/42")
+        assert by_url is not None and by_url.external_id == "acme/api#42"
+        assert find_task(s, "gh:acme/api#43").external_id == "acme/api#43"
+        assert find_task(s, "https://github.com/acme/api/issues/43") is None
+        assert find_task(s, "nope") is None
 
 
 def test_links_across_sources_and_inverse(store: Store) -> None:
