@@ -638,12 +638,17 @@ def run(
 @app.command()
 @guarded
 def demo(
-    path: Annotated[Path, typer.Option("--db", help="Where the demo store goes.")] = Path("trackloop-demo.db"),
+    path: Annotated[
+        Path, typer.Option("--db", help="Where the demo store goes; replaces only an earlier demo store.")
+    ] = Path("trackloop-demo.db"),
 ) -> None:
     """Seed a small team offline, run the whole pipeline and show the result (no config needed)."""
-    from sync.demo import run_demo
+    from sync.demo import NotADemoStore, run_demo
 
-    result = run_demo(path)
+    try:
+        result = run_demo(path)
+    except NotADemoStore as exc:
+        raise UsageError(str(exc)) from None
     render_tasks(result.tasks, title=f"demo tasks in {path}")
     print()
     render_flags(result.flags, title="what needs follow-up")

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+
+from store.db import current_revision, head_revision
 
 TRACKLOOP = [sys.executable, "-m", "sync.cli"]
 HEADER = "ID,Task,Status,Owner,Due\n"
@@ -175,7 +178,11 @@ def test_config_path_from_env_and_init(tmp_path: Path) -> None:
 
 def test_config_schema_is_json(tmp_path: Path) -> None:
     schema = json.loads(run("config", "schema", cwd=tmp_path).stdout)
-    assert "connectors" in schema["properties"]
+    variants = schema["properties"]["connectors"]["additionalProperties"]["oneOf"]
+    types = {schema["$defs"][v["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"] for v in variants}
+    assert types == {"csv", "github", "jira", "slack", "imap"}
+    assert schema["$defs"]["CsvConfig"]["additionalProperties"] is False
+    assert "stale_status" in schema["properties"]["rules"]["properties"]
 
 
 def test_doctor_lists_plugins_and_checks(project: Path) -> None:
@@ -189,7 +196,11 @@ def test_doctor_lists_plugins_and_checks(project: Path) -> None:
 def test_db_upgrade(project: Path) -> None:
     proc = run("db", "upgrade", cwd=project)
     assert proc.returncode == 0 and "is at" in proc.stderr
-    assert (project / "store.db").exists()
+    engine = create_engine(f"sqlite:///{project / 'store.db'}")
+    try:
+        assert current_revision(engine) == head_revision() and head_revision() in proc.stderr
+    finally:
+        engine.dispose()
 
 
 def test_demo_prints_a_real_table(tmp_path: Path) -> None:
@@ -203,3 +214,16 @@ def test_demo_prints_a_real_table(tmp_path: Path) -> None:
     assert any(line.startswith("sheet:OPS-106\toverdue\twarning\tcarol\toverdue by 5 days") for line in lines)
     assert "to\tmessage" in lines and any(line.startswith("carol\tsheet:OPS-106") for line in lines)  # DMs
     assert any(line.startswith("trackloop digest “leads”") for line in lines) and "Overdue: 4" in lines
+
+
+def test_demo_replaces_only_a_demo_store(tmp_path: Path) -> None:
+    (tmp_path / "mine.db").write_text("precious")
+    proc = run("demo", "--db", "mine.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: mine.db exists and is not a trackloop demo store; choose another --db "
+        "(the demo replaces only a store it made)"
+    ]
+    assert (tmp_path / "mine.db").read_text() == "precious"
+    for _ in range(2):  # a store the demo made is replaced on the next run
+        proc = run("demo", "--db", "other.db", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
