@@ -227,3 +227,11 @@ def test_demo_replaces_only_a_demo_store(tmp_path: Path) -> None:
     for _ in range(2):  # a store the demo made is replaced on the next run
         proc = run("demo", "--db", "other.db", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_help_shows_plain_metavars(tmp_path: Path) -> None:
+    top = run("--help", cwd=tmp_path).stdout
+    assert "--config PATH" in top and "[default: 0]" not in top
+    for command, shown in (("tasks", "--status STATUS"), ("sync", "--connector NAME")):
+        text = run(command, "--help", cwd=tmp_path).stdout
+        assert shown in text and "<list[" not in text
