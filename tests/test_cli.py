@@ -235,3 +235,9 @@ def test_help_shows_plain_metavars(tmp_path: Path) -> None:
     for command, shown in (("tasks", "--status STATUS"), ("sync", "--connector NAME")):
         text = run(command, "--help", cwd=tmp_path).stdout
         assert shown in text and "<list[" not in text
+
+
+def test_mistyped_env_override_exits_2_naming_it(project: Path) -> None:
+    proc = run("sync", cwd=project, env={"TRACKLOOP_STOER__URL": "sqlite:///elsewhere.db"})
+    assert proc.returncode == 2 and proc.stderr.startswith("trackloop.toml: TRACKLOOP_STOER__URL: no such config key")
+    assert not (project / "store.db").exists() and not (project / "elsewhere.db").exists()
