@@ -73,7 +73,7 @@ class CsvConfig(ConnectorConfig):
         default_factory=dict,
         description="Extra source status values -> canonical status (todo, in_progress, blocked, done, cancelled).",
     )
-    labels_separator: str = Field(",", description="Separator inside the labels cell.")
+    labels_separator: str = Field(",", min_length=1, description="Separator inside the labels cell.")
     delimiter: str | None = Field(None, description="Field delimiter; sniffed from the file when absent.")
     encoding: str = Field("utf-8-sig", description="File encoding.")
 
@@ -127,7 +127,7 @@ class CsvConnector(Connector[CsvConfig, CsvCursor]):
     def check(self) -> CheckResult:
         try:
             with self._open() as fh:
-                header = next(self._reader(fh), None)
+                header = next((row for _, row in self._rows(fh)), None)
         except ConnectorError as exc:
             return CheckResult(False, str(exc))
         if header is None:
@@ -144,12 +144,12 @@ class CsvConnector(Connector[CsvConfig, CsvCursor]):
         cursor = CsvCursor(digest=digest)
         batch: list[TaskRecord] = []
         with self._open() as fh:
-            rows = self._reader(fh)
-            header = next(rows, None) or []
+            rows = self._rows(fh)
+            header = next(rows, (0, []))[1]
             missing = self._missing_columns(header)
             if missing:
                 raise PayloadError(f"{self.config.path}: missing column(s) {', '.join(missing)}")
-            for line_no, row in enumerate(rows, start=2):
+            for line_no, row in rows:
                 record = self._record(dict(zip(header, row, strict=False)), line_no)
                 if record is not None:
                     batch.append(record)
@@ -175,16 +175,39 @@ class CsvConnector(Connector[CsvConfig, CsvCursor]):
             raise ConnectorError(f"cannot read {self.config.path}: {exc.strerror}") from exc
         return sha.hexdigest()
 
-    def _reader(self, fh: TextIO) -> Iterator[list[str]]:
-        delimiter = self.config.delimiter
-        if delimiter is None:
-            sample = fh.read(64 * 1024)
-            fh.seek(0)
-            try:
-                delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-            except csv.Error:
-                delimiter = "\t" if str(self.config.path).endswith(".tsv") else ","
-        return csv.reader(fh, delimiter=delimiter)
+    def _rows(self, fh: TextIO) -> Iterator[tuple[int, list[str]]]:
+        """(line number, cells) per row; a file the csv module cannot read fails naming the line."""
+        reader = None
+        try:
+            reader = csv.reader(fh, delimiter=self._delimiter(fh))
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:
+            line = reader.line_num if reader is not None else 1
+            raise PayloadError(f"{self.config.path} line {line}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            line, encoding = self._undecodable_line(), self.config.encoding
+            raise PayloadError(f"{self.config.path} line {line}: not {encoding} text ({exc.reason})") from exc
+
+    def _delimiter(self, fh: TextIO) -> str:
+        if self.config.delimiter is not None:
+            return self.config.delimiter
+        sample = fh.read(64 * 1024)
+        fh.seek(0)
+        try:
+            return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+        except csv.Error:
+            return "\t" if str(self.config.path).endswith(".tsv") else ","
+
+    def _undecodable_line(self) -> int:
+        """The first line that does not decode (a decode error only knows its offset in a buffer)."""
+        with open(self.config.path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode(self.config.encoding)
+                except UnicodeDecodeError:
+                    return line_no
+        return 1
 
     def _missing_columns(self, header: list[str]) -> list[str]:
         wanted = [self.config.id_column, *(v for v in self.config.columns.model_dump().values() if v)]

@@ -32,14 +32,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import requests
 from github import Auth, Github, GithubException
 from github.GithubException import BadCredentialsException, RateLimitExceededException
 from github.Requester import Requester
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import Connector, ConnectorConfig, parse_retry_after
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, RateLimited, TransientError
@@ -82,6 +82,14 @@ DEFAULT_STATUS_LABELS: dict[str, list[str]] = {
 _REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/(?:\*|[A-Za-z0-9._-]{1,100})$")
 
 
+def _repo(value: str) -> str:
+    """One `repos` item, checked alone so a fault names its index (`repos[1]`)."""
+    value = value.strip()
+    if not _REPO_RE.match(value):
+        raise ValueError(f'expected "owner/name", got {json.dumps(value)}')
+    return value.lower()
+
+
 # -- config and cursor ------------------------------------------------------------------------
 class GithubConfig(ConnectorConfig):
     """`[connectors.NAME]` with `type = "github"`."""
@@ -91,7 +99,7 @@ class GithubConfig(ConnectorConfig):
         "https://api.github.com",
         description="API root: https://api.github.com, or https://HOST/api/v3 for GitHub Enterprise Server.",
     )
-    repos: list[str] = Field(
+    repos: list[Annotated[str, AfterValidator(_repo)]] = Field(
         min_length=1, description='Repositories as "owner/name"; "owner/*" takes every repository of owner.'
     )
     include_pull_requests: bool = Field(
@@ -137,14 +145,7 @@ class GithubConfig(ConnectorConfig):
     @field_validator("repos")
     @classmethod
     def _repos(cls, value: list[str]) -> list[str]:
-        out: list[str] = []
-        for item in value:
-            item = item.strip()
-            if not _REPO_RE.match(item):
-                raise ValueError(f'expected "owner/name" or "owner/*", got {item!r}')
-            if item.lower() not in out:
-                out.append(item.lower())
-        return out
+        return list(dict.fromkeys(value))
 
     @field_validator("priority_labels", "status_labels")
     @classmethod

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from store.canonical import OPEN_STATUSES
 from store.models import Person, Task
+from store.people import key_in
 from store.sql import has_any_label
 
 Severity = Literal["info", "warning", "critical"]
@@ -75,7 +76,7 @@ class RuleContext:
         if config.exclude_labels:
             stmt = stmt.where(not_(has_any_label(self.session, config.exclude_labels)))
         if config.owners:
-            owners = select(Person.id).where(Person.key.in_([o.lower() for o in config.owners]))
+            owners = select(Person.id).where(key_in(Person.key, config.owners))
             stmt = stmt.where(Task.owner_id.in_(owners))
         return stmt
 

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
 from store.models import Finding, Person, Task
+from store.people import key_in
 from store.sql import bulk_insert, one_of
 
 _CHUNK = 2000
@@ -123,7 +124,7 @@ def open_findings(session: Session, *, rule: str | None = None, owner: str | Non
     if owner == "none":
         stmt = stmt.where(Task.owner_id.is_(None))
     elif owner:
-        stmt = stmt.where(owner_p.key == owner.lower())
+        stmt = stmt.where(key_in(owner_p.key, [owner]))
     order = {"critical": 0, "warning": 1, "info": 2}
     rows = [FindingView(f, t, o, a) for f, t, o, a in session.execute(stmt)]
     rows.sort(key=lambda v: (order.get(v.finding.severity, 3), v.finding.first_seen, v.finding.rule, v.task.id))

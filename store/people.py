@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.canonical import IdentityKind, IdentityRef
-from store.models import Identity, Person, Task
+from store.models import Finding, Identity, Person, Task
 
 
 def normalize(kind: str, value: str) -> str:
@@ -19,6 +19,12 @@ def normalize(kind: str, value: str) -> str:
     if kind in (IdentityKind.EMAIL, IdentityKind.GITHUB, IdentityKind.PERSON):
         return value.lower()
     return value
+
+
+def key_in(column: ColumnElement[str], keys: Iterable[str]) -> ColumnElement[bool]:
+    """Match person keys as users type them: config keys are lower-case, while auto-created ones
+    keep a Slack or Jira id's case (`slack:U01BOB`), so either spelling of a key finds it."""
+    return column.in_(sorted({form for key in keys for form in (key, key.lower())}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +40,9 @@ class PersonSpec:
 def sync_people(session: Session, specs: Iterable[PersonSpec]) -> None:
     """Make the people table match the config.
 
-    A configured identity that an earlier sync attached to an auto-created person moves to the
-    configured person, and that person's tasks follow, so adding someone to the config later
-    never leaves tasks pointing at a stray duplicate.
+    A configured identity that an earlier sync attached to an auto-created person merges that
+    person into the configured one (all its identities, tasks and findings), so adding someone to
+    the config later never leaves a stray duplicate that their other tools still resolve to.
     """
     specs = list(specs)
     people = {p.key: p for p in session.scalars(select(Person))}
@@ -66,11 +72,19 @@ def sync_people(session: Session, specs: Iterable[PersonSpec]) -> None:
 
 
 def _move_identity(session: Session, ident: Identity, to: Person) -> None:
+    """Give `ident` to `to`; an auto-created holder is merged into `to` whole and deleted."""
     old = session.get(Person, ident.person_id)
-    ident.person_id = to.id
-    if old is not None and not old.from_config:
-        session.execute(update(Task).where(Task.owner_id == old.id).values(owner_id=to.id))
-        session.execute(update(Task).where(Task.reporter_id == old.id).values(reporter_id=to.id))
+    if old is None or old.from_config:
+        ident.person_id = to.id  # two configured people: the config decides, nothing else moves
+        return
+    session.execute(update(Identity).where(Identity.person_id == old.id).values(person_id=to.id))
+    session.execute(update(Task).where(Task.owner_id == old.id).values(owner_id=to.id))
+    session.execute(update(Task).where(Task.reporter_id == old.id).values(reporter_id=to.id))
+    session.execute(update(Finding).where(Finding.act_person_id == old.id).values(act_person_id=to.id))
+    session.expire(old, ["identities"])
+    session.delete(old)
+    session.flush()
+    session.expire(ident)
 
 
 class IdentityResolver:

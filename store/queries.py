@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, aliased
 
 from store.canonical import OPEN_STATUSES
 from store.models import Person, Task
+from store.people import key_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ def _filtered(flt: TaskFilter) -> Select[Any]:
     if flt.owner == "none":
         stmt = stmt.where(Task.owner_id.is_(None))
     elif flt.owner:
-        stmt = stmt.where(owner.key == flt.owner.lower())
+        stmt = stmt.where(key_in(owner.key, [flt.owner]))
     return stmt.order_by(Task.source, Task.due.is_(None), Task.due, Task.id)
 
 

@@ -319,7 +319,8 @@ class TaskWriter:
         return count
 
     def cancel_missing(self, session: Session, scope: str, seen: set[str]) -> int:
-        """Mark open tasks of a fully listed scope that the listing did not return as cancelled."""
+        """Mark every task of a fully listed scope that the listing did not return as cancelled,
+        done ones included: a removed row or deleted issue is gone, whatever its last status."""
         rows = session.execute(
             select(Task.id, Task.external_id, Task.status).where(
                 Task.source == self.source, Task.scope == scope, Task.status != Status.CANCELLED.value

@@ -87,11 +87,16 @@ SETTINGS = Settings()
 def _global(
     config: Annotated[
         Path,
-        typer.Option("--config", "-c", envvar="TRACKLOOP_CONFIG", help="Config file.", show_default=True),
+        typer.Option("--config", "-c", envvar="TRACKLOOP_CONFIG", metavar="PATH", help="Config file.",
+                     show_default=True),
     ] = Path("trackloop.toml"),
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, show_default=False, help="More log output (-vv: debug).")
+    ] = 0,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    log_format: Annotated[str, typer.Option("--log-format", help="Log format: text or json.")] = "text",
+    log_format: Annotated[
+        str, typer.Option("--log-format", metavar="FORMAT", help="Log format: text or json.")
+    ] = "text",
 ) -> None:
     SETTINGS.config_path, SETTINGS.debug, SETTINGS.verbose = config, debug, verbose
     level = logging.DEBUG if verbose > 1 or debug else logging.INFO if verbose else logging.WARNING
@@ -236,14 +241,18 @@ def doctor() -> None:
     types = connector_types()
     rows, failed = [], False
     for name, cfg in config.connectors.items():
-        connector = build_connector(config, types, name)
+        connector = None
         try:
+            connector = build_connector(config, types, name)
             verdict = connector.check()
             ok, detail = verdict.ok, verdict.detail
         except TrackloopError as exc:
             ok, detail = False, str(exc)
+        except Exception as exc:  # a plugin's bug fails its own row, not the whole report
+            ok, detail = False, f"unexpected {exc.__class__.__name__}: {exc}"
         finally:
-            connector.close()
+            if connector is not None:
+                connector.close()
         failed |= not ok
         rows.append([name, cfg.type, "ok" if ok else "FAIL", REDACT(detail)])
     print_table("connectors", ["connector", "type", "check", "detail"], rows)
@@ -255,7 +264,7 @@ def doctor() -> None:
 @guarded
 def sync(
     connector: Annotated[
-        list[str] | None, typer.Option("--connector", help="Only this connector (repeatable).")
+        list[str] | None, typer.Option("--connector", metavar="NAME", help="Only this connector (repeatable).")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-list everything and cancel what is gone.")] = False,
     dry_run: Annotated[
@@ -339,7 +348,9 @@ def outbox(
 @outbox_app.command("retry")
 @guarded
 def outbox_retry(
-    keys: Annotated[list[str] | None, typer.Argument(help="Keys to retry (default: every failed action).")] = None,
+    keys: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY", help="Keys to retry (default: every failed action).")
+    ] = None,
 ) -> None:
     """Put failed actions back in the queue and deliver them now."""
     config = load()
@@ -559,10 +570,14 @@ def status(
 @app.command()
 @guarded
 def tasks(
-    owner: Annotated[str | None, typer.Option("--owner", help='Person key; "none" for unowned.')] = None,
-    source: Annotated[str | None, typer.Option("--source", help="Connector name.")] = None,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="PERSON", help='Person key; "none" for unowned.')
+    ] = None,
+    source: Annotated[str | None, typer.Option("--source", metavar="NAME", help="Connector name.")] = None,
     status_: Annotated[
-        list[Status] | None, typer.Option("--status", help="Only these statuses (repeatable).")
+        list[Status] | None,
+        typer.Option("--status", metavar="STATUS",
+                     help="Only this status (repeatable): todo, in_progress, blocked, done, cancelled."),
     ] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include done and cancelled tasks.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (see README).")] = False,
@@ -634,12 +649,17 @@ def run(
 @app.command()
 @guarded
 def demo(
-    path: Annotated[Path, typer.Option("--db", help="Where the demo store goes.")] = Path("trackloop-demo.db"),
+    path: Annotated[
+        Path, typer.Option("--db", help="Where the demo store goes; replaces only an earlier demo store.")
+    ] = Path("trackloop-demo.db"),
 ) -> None:
     """Seed a small team offline, run the whole pipeline and show the result (no config needed)."""
-    from sync.demo import run_demo
+    from sync.demo import NotADemoStore, run_demo
 
-    result = run_demo(path)
+    try:
+        result = run_demo(path)
+    except NotADemoStore as exc:
+        raise UsageError(str(exc)) from None
     render_tasks(result.tasks, title=f"demo tasks in {path}")
     print()
     render_flags(result.flags, title="what needs follow-up")

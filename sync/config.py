@@ -14,9 +14,11 @@ import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from connectors.base import Connector, ConnectorConfig
 from connectors.smtp import SmtpConfig
@@ -25,11 +27,12 @@ from rules.registry import rule_types as rule_types_of
 from store.canonical import IdentityKind
 from store.durations import Duration
 from store.errors import ConfigError, ConfigProblem
-from store.people import PersonSpec
+from store.people import PersonSpec, normalize
 from sync.digests import DigestConfig
 from sync.notify import NotifyConfig
 
 ENV_PREFIX = "TRACKLOOP_"
+_URL_EXAMPLES = '"sqlite:///trackloop.db" or "postgresql+psycopg://USER@HOST/DB"'
 _ENV_REF = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\})")
 
 
@@ -39,6 +42,18 @@ class StoreConfig(BaseModel):
         "sqlite:///trackloop.db",
         description="SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://USER@HOST/DB.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        """Checked here so `config validate` catches it; the message never repeats the URL (a password)."""
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError(f"expected a URL such as {_URL_EXAMPLES}") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {backend!r}; expected {_URL_EXAMPLES}")
+        return value
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -108,10 +123,19 @@ class DaemonConfig(BaseModel):
         return value
 
 
+def _email(value: str) -> str:
+    """One `email` item, checked alone so a fault names its index (`email[1]`)."""
+    if "@" not in value:
+        raise ValueError(f"expected an email address, got {json.dumps(value)}")
+    return value
+
+
 class PersonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str | None = Field(None, description="Display name.")
-    email: list[str] = Field(default_factory=list, description="Email address, or a list of them.")
+    email: list[Annotated[str, AfterValidator(_email)]] = Field(
+        default_factory=list, description="Email address, or a list of them."
+    )
     github: list[str] = Field(default_factory=list, description="GitHub login(s).")
     jira: list[str] = Field(default_factory=list, description="Jira accountId (Cloud) or username (Server/DC).")
     slack: list[str] = Field(default_factory=list, description="Slack user id(s), e.g. U01ALICE.")
@@ -121,14 +145,6 @@ class PersonConfig(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("email")
-    @classmethod
-    def _emails(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if "@" not in item:
-                raise ValueError(f"expected an email address, got {item!r}")
-        return value
 
     def spec(self, key: str) -> PersonSpec:
         identities = [(IdentityKind.EMAIL.value, v) for v in self.email]
@@ -243,25 +259,57 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
-def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    """`TRACKLOOP_CONNECTORS__GH__TOKEN=x` sets connectors.gh.token (names match case-insensitively)."""
+def _apply_env_overrides(
+    data: dict[str, Any], env: Mapping[str, str], problems: list[tuple[str, str]]
+) -> dict[str, str]:
+    """`TRACKLOOP_CONNECTORS__GH__TOKEN=x` sets connectors.gh.token (names match case-insensitively).
+
+    Only names with `__` are overrides (TRACKLOOP_CONFIG and friends are not); one that names no
+    section is a problem, not silently ignored. Returns {path the variable created: variable}, so
+    a fault found later in that value names the variable.
+    """
     sections = set(TopLevel.model_fields)
+    created: dict[str, str] = {}
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if parts[0] not in sections or len(parts) < 2 or not all(parts):
-            continue  # TRACKLOOP_CONFIG and friends are not config keys
-        node = data
+        if parts[0] not in sections or not all(parts):
+            problems.append(("", f"{name}: no such config key {'.'.join(parts)!r} "
+                                 f"(expected TRACKLOOP_ + a key path such as STORE__URL)"))
+            continue
+        node, path, new = data, (), None
         for part in parts[:-1]:
             match = next((k for k in node if isinstance(k, str) and k.lower() == part), part)
+            path = (*path, match)
+            if match not in node:
+                new = new or path
             child = node.setdefault(match, {})
             if not isinstance(child, dict):
+                problems.append((format_path(path), f"{name}: this key is not a table"))
                 break
             node = child
         else:
             leaf = next((k for k in node if k.lower() == parts[-1]), parts[-1])
             node[leaf] = _env_value(env[name])
+            created[format_path(new or (*path, leaf))] = name
+    return created
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith((f"{prefix}.", f"{prefix}["))
+
+
+def _blamed(found: list[ConfigProblem], unset: set[str], overrides: Mapping[str, str]) -> list[ConfigProblem]:
+    """Drop faults of values blanked by an unset ${VAR} (already reported); name the variable
+    behind a faulty overridden value."""
+    out = []
+    for problem in found:
+        if problem.path in unset:
+            continue
+        var = next((v for p, v in overrides.items() if _within(problem.path, p)), None)
+        out.append(ConfigProblem(problem.file, problem.path, f"{problem.message} (set by {var})") if var else problem)
+    return out
 
 
 def _problems_from(exc: ValidationError, file: str, prefix: tuple[Any, ...] = ()) -> list[ConfigProblem]:
@@ -293,12 +341,14 @@ def parse_config(
     env = os.environ if env is None else env
     raw_problems: list[tuple[str, str]] = []
     data = _interpolate(data, env, (), raw_problems)
-    _apply_env_overrides(data, env)
-    problems = [ConfigProblem(file, path, msg) for path, msg in raw_problems]
+    unset = {path for path, _ in raw_problems}
+    overrides = _apply_env_overrides(data, env, raw_problems)
+    early = [ConfigProblem(file, path, msg) for path, msg in raw_problems]
     try:
         top = TopLevel.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _problems_from(exc, file)) from None
+        raise ConfigError(early + _blamed(_problems_from(exc, file), unset, overrides)) from None
+    problems: list[ConfigProblem] = []
 
     connectors: dict[str, ConnectorConfig] = {}
     for name, section in top.connectors.items():
@@ -331,9 +381,10 @@ def parse_config(
     for key in top.people:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", key):
             problems.append(ConfigProblem(file, f"people.{key}", "person keys are lower-case letters, digits, _ . -"))
+    problems += _shared_identities(top.people, file)
 
-    if problems:
-        raise ConfigError(problems)
+    if early or problems:
+        raise ConfigError(early + _blamed(problems, unset, overrides))
     return AppConfig(
         file=file,
         store=top.store,
@@ -365,6 +416,20 @@ def _rules(
         except ValidationError as exc:
             problems.extend(_problems_from(exc, file, ("rules", rule_id)))
     return out
+
+
+def _shared_identities(people: Mapping[str, PersonConfig], file: str) -> list[ConfigProblem]:
+    """One identity given to two people would move between them on every sync."""
+    problems: list[ConfigProblem] = []
+    holder: dict[tuple[str, str], str] = {}
+    for key, person in people.items():
+        for kind in ("email", "github", "jira", "slack"):
+            for i, value in enumerate(getattr(person, kind)):
+                first = holder.setdefault((kind, normalize(kind, value)), key)
+                if first != key:
+                    problems.append(ConfigProblem(file, f"people.{key}.{kind}[{i}]",
+                                                  f"{value!r} is already people.{first}'s"))
+    return problems
 
 
 def _cross_references(

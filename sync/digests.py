@@ -24,6 +24,7 @@ from connectors.slack import escape_mrkdwn
 from store.canonical import OPEN_STATUSES, Status
 from store.models import Finding, OutboxAction, Person, Task, TaskEvent
 from store.outbox import NewAction
+from store.people import key_in
 from store.sql import has_any_label
 from sync.messages import short
 from sync.zones import TimeZoneName
@@ -125,7 +126,7 @@ def build(session: Session, name: str, config: DigestConfig, now: datetime, sinc
         if config.labels:
             stmt = stmt.where(has_any_label(session, config.labels))
         if config.owners:
-            stmt = stmt.where(owner.key.in_([o.lower() for o in config.owners]))
+            stmt = stmt.where(key_in(owner.key, config.owners))
         return stmt
 
     open_ = [s.value for s in OPEN_STATUSES]

@@ -159,10 +159,11 @@ class SyncEngine:
         kind = self.config.connectors[name].type
         result = SyncResult(connector=name, kind=kind)
         started = time.monotonic()
-        connector = self.build(name)
-        result.requests = connector.stats
+        connector: Connector | None = None  # type: ignore[type-arg]
         record = session is None
         try:
+            connector = self.build(name)  # inside the try: a constructor that raises fails this connector only
+            result.requests = connector.stats
             if session is not None:  # a dry run (run_in): the source must stay untouched too
                 state = replace(self._state(session, connector, full), dry_run=True)
                 self._consume(connector, state, result, transaction=lambda: nullcontext(session))
@@ -181,7 +182,8 @@ class SyncEngine:
             log.debug("unexpected error in %s", name, exc_info=True)
             result.ok, result.error = False, f"unexpected {exc.__class__.__name__}: {exc}"
         finally:
-            connector.close()
+            if connector is not None:
+                connector.close()
         result.seconds = time.monotonic() - started
         if record:
             try:

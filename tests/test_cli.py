@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+
+from store.db import current_revision, head_revision
 
 TRACKLOOP = [sys.executable, "-m", "sync.cli"]
 HEADER = "ID,Task,Status,Owner,Due\n"
@@ -106,6 +109,44 @@ def test_failing_connector_exits_1_and_others_still_sync(project: Path) -> None:
     assert statuses["sheet"]["last_success"] and statuses["broken"]["last_error"]
 
 
+def install_plugin(folder: Path, module: str, source: str, entry: str) -> dict[str, str]:
+    """A throwaway plugin distribution on a PYTHONPATH folder; returns the env that finds it."""
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[trackloop.connectors]\n{entry}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+BOOM = """
+from connectors.csv import CsvConnector
+
+class BoomConnector(CsvConnector):
+    kind = "boom"
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("boom in the constructor")
+"""
+
+
+@pytest.mark.parametrize("command", ["sync", "doctor"])
+def test_connector_whose_constructor_raises_fails_alone(project: Path, tmp_path_factory, command: str) -> None:
+    env = install_plugin(tmp_path_factory.mktemp("plugins"), "boom_plugin", BOOM, "boom = boom_plugin:BoomConnector")
+    write_config(project, GOOD + '\n[connectors.bad]\ntype = "boom"\npath = "tasks.csv"\nid_column = "ID"\n'
+                 'columns = { title = "Task" }\n')
+    proc = run(command, cwd=project, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    said = proc.stdout if command == "doctor" else proc.stderr  # sync: the table row, and one line on stderr
+    assert [line for line in said.splitlines() if "boom in" in line] == [
+        "bad\tboom\tFAIL\tunexpected RuntimeError: boom in the constructor" if command == "doctor"
+        else "error: bad: unexpected RuntimeError: boom in the constructor"
+    ]
+    if command == "sync":
+        statuses = {s["connector"]: s for s in json.loads(run("status", "--json", cwd=project, env=env).stdout)}
+        assert statuses["sheet"]["last_success"] and "boom" in statuses["bad"]["last_error"]
+
+
 def test_sync_unknown_connector_is_usage_error(project: Path) -> None:
     proc = run("sync", "--connector", "nope", cwd=project)
     assert proc.returncode == 2 and "connectors.nope: no such connector" in proc.stderr
@@ -137,7 +178,11 @@ def test_config_path_from_env_and_init(tmp_path: Path) -> None:
 
 def test_config_schema_is_json(tmp_path: Path) -> None:
     schema = json.loads(run("config", "schema", cwd=tmp_path).stdout)
-    assert "connectors" in schema["properties"]
+    variants = schema["properties"]["connectors"]["additionalProperties"]["oneOf"]
+    types = {schema["$defs"][v["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"] for v in variants}
+    assert types == {"csv", "github", "jira", "slack", "imap"}
+    assert schema["$defs"]["CsvConfig"]["additionalProperties"] is False
+    assert "stale_status" in schema["properties"]["rules"]["properties"]
 
 
 def test_doctor_lists_plugins_and_checks(project: Path) -> None:
@@ -151,7 +196,11 @@ def test_doctor_lists_plugins_and_checks(project: Path) -> None:
 def test_db_upgrade(project: Path) -> None:
     proc = run("db", "upgrade", cwd=project)
     assert proc.returncode == 0 and "is at" in proc.stderr
-    assert (project / "store.db").exists()
+    engine = create_engine(f"sqlite:///{project / 'store.db'}")
+    try:
+        assert current_revision(engine) == head_revision() and head_revision() in proc.stderr
+    finally:
+        engine.dispose()
 
 
 def test_demo_prints_a_real_table(tmp_path: Path) -> None:
@@ -165,3 +214,30 @@ def test_demo_prints_a_real_table(tmp_path: Path) -> None:
     assert any(line.startswith("sheet:OPS-106\toverdue\twarning\tcarol\toverdue by 5 days") for line in lines)
     assert "to\tmessage" in lines and any(line.startswith("carol\tsheet:OPS-106") for line in lines)  # DMs
     assert any(line.startswith("trackloop digest “leads”") for line in lines) and "Overdue: 4" in lines
+
+
+def test_demo_replaces_only_a_demo_store(tmp_path: Path) -> None:
+    (tmp_path / "mine.db").write_text("precious")
+    proc = run("demo", "--db", "mine.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: mine.db exists and is not a trackloop demo store; choose another --db "
+        "(the demo replaces only a store it made)"
+    ]
+    assert (tmp_path / "mine.db").read_text() == "precious"
+    for _ in range(2):  # a store the demo made is replaced on the next run
+        proc = run("demo", "--db", "other.db", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_help_shows_plain_metavars(tmp_path: Path) -> None:
+    top = run("--help", cwd=tmp_path).stdout
+    assert "--config PATH" in top and "[default: 0]" not in top
+    for command, shown in (("tasks", "--status STATUS"), ("sync", "--connector NAME")):
+        text = run(command, "--help", cwd=tmp_path).stdout
+        assert shown in text and "<list[" not in text
+
+
+def test_mistyped_env_override_exits_2_naming_it(project: Path) -> None:
+    proc = run("sync", cwd=project, env={"TRACKLOOP_STOER__URL": "sqlite:///elsewhere.db"})
+    assert proc.returncode == 2 and proc.stderr.startswith("trackloop.toml: TRACKLOOP_STOER__URL: no such config key")
+    assert not (project / "store.db").exists() and not (project / "elsewhere.db").exists()

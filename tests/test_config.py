@@ -10,6 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from connectors.csv import CsvConnector
+from connectors.github import GithubConnector
 from connectors.registry import connector_types
 from store.durations import Duration, format_duration, parse_duration
 from store.errors import ConfigError
@@ -88,6 +89,26 @@ def test_env_overrides_by_key_path() -> None:
     assert config.connectors["sheet"].interval == timedelta(seconds=90)
 
 
+def test_unknown_env_override_is_a_problem_naming_the_variable() -> None:
+    env = {"TRACKLOOP_STOER__URL": "sqlite:///x.db", "TRACKLOOP_CONFIG": "a.toml", "TRACKLOOP_DEBUG": "1",
+           "TRACKLOOP_TEST_DATABASE_URL": "postgresql+psycopg://x/y"}
+    [found] = problems({}, env)
+    assert found.startswith("trackloop.toml: TRACKLOOP_STOER__URL: no such config key 'stoer.url'")
+
+
+def test_fault_in_an_overridden_value_names_the_variable() -> None:
+    found = problems({}, {"TRACKLOOP_STORE__URL": "mysql://x/y", "TRACKLOOP_STORE__URL__X": "1"})
+    assert "trackloop.toml: store.url: TRACKLOOP_STORE__URL__X: this key is not a table" in found
+    assert any(p.startswith("trackloop.toml: store.url: unsupported database 'mysql'")
+               and p.endswith("(set by TRACKLOOP_STORE__URL)") for p in found)
+    env = {"TRACKLOOP_CONNECTORS__SHEET__INTERVAL": "often", "TRACKLOOP_CONNECTORS__NEW__PATH": "x.csv"}
+    found = problems({"connectors": {"sheet": SHEET}}, env)
+    assert any(p.startswith("trackloop.toml: connectors.sheet.interval: expected a duration")
+               and p.endswith("(set by TRACKLOOP_CONNECTORS__SHEET__INTERVAL)") for p in found)
+    assert ("trackloop.toml: connectors.new.type: required key is missing (set by TRACKLOOP_CONNECTORS__NEW__PATH)"
+            in found)
+
+
 def test_unknown_keys_are_errors_with_paths() -> None:
     found = problems({
         "stor": {},
@@ -113,7 +134,13 @@ def test_connector_section_problems_each_on_a_line() -> None:
 
 def test_list_index_in_path() -> None:
     found = problems({"people": {"a": {"email": ["a@x.org", "not-an-email"]}}})
-    assert found == ["trackloop.toml: people.a.email: expected an email address, got 'not-an-email'"]
+    assert found == ['trackloop.toml: people.a.email[1]: expected an email address, got "not-an-email"']
+    github = {"gh": {"type": "github", "token": "t", "repos": ["acme/api", "acme"]}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"connectors": github}, file="trackloop.toml", env={}, connector_types={"github": GithubConnector})
+    assert [str(p) for p in info.value.problems] == [
+        'trackloop.toml: connectors.gh.repos[1]: expected "owner/name", got "acme"'
+    ]
 
 
 def test_bad_toml_is_one_line(tmp_path: Path) -> None:
@@ -142,3 +169,22 @@ def test_schema_types_connector_sections() -> None:
     assert csv_def["properties"]["type"]["const"] == "csv"
     assert csv_def["additionalProperties"] is False
     assert all("description" in prop for prop in csv_def["properties"].values())
+
+
+@pytest.mark.parametrize(
+    ("url", "fault"),
+    [("mysql://u:s3cret@db/x", "unsupported database 'mysql'"), ("u:s3cret@db/x", "expected a URL such as")],
+)
+def test_store_url_is_checked_without_printing_the_password(url: str, fault: str) -> None:
+    [found] = problems({"store": {"url": url}})
+    assert found.startswith(f"trackloop.toml: store.url: {fault}") and "s3cret" not in found
+
+
+@pytest.mark.parametrize("url", ["sqlite:///t.db", "sqlite://", "postgresql+psycopg://u:pw@db:5432/x"])
+def test_store_url_accepts_sqlite_and_postgresql(url: str) -> None:
+    assert parse_config({"store": {"url": url}}, env={}, connector_types=TYPES).store.url == url
+
+
+def test_one_identity_given_to_two_people_is_a_problem() -> None:
+    people = {"a": {"email": "Ann@x.org", "slack": "U01"}, "b": {"email": ["b@x.org", "ann@X.org"], "slack": "u01"}}
+    assert problems({"people": people}) == ["trackloop.toml: people.b.email[1]: 'ann@X.org' is already people.a's"]

@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import select
 
 from connectors.csv import CsvConnector, owner_ref, parse_due
-from store.canonical import IdentityKind, Priority, Status, SyncState
+from store.canonical import IdentityKind, SyncState
 from store.db import Store
+from store.errors import ConfigError
 from store.models import Person, Task
 from sync.config import parse_config
 from sync.engine import SyncEngine
@@ -133,9 +134,37 @@ def test_due_dates() -> None:
 def test_unknown_person_key_becomes_a_person(tmp_path: Path, db_url: str) -> None:
     path = tmp_path / "t.csv"
     path.write_text(HEADER + "1,A,todo,zed,,,\n")
-    sync(db_url, path)
+    _, rows = sync(db_url, path)
+    assert rows["1"][3] == "zed"
     store = Store(db_url)
     with store.transaction() as s:
-        assert "zed" in s.scalars(select(Person.key)).all()
+        zed = s.scalar(select(Person).where(Person.key == "zed"))
+        assert zed is not None and not zed.from_config and zed.identities == []
     store.close()
-    assert Priority.HIGH.rank > Priority.MEDIUM.rank and Status.BLOCKED.is_open
+
+
+def test_empty_labels_separator_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"connectors\.s\.labels_separator: String should have at least 1"):
+        parse_config({"connectors": {"s": section(tmp_path / "t.csv", labels_separator="")}}, env={},
+                     connector_types=TYPES)
+
+
+@pytest.mark.parametrize(
+    ("content", "fault", "header_fails"),
+    [
+        ((HEADER + "1,A,todo,,,,\n2,B,todo,,,,\n").encode() + b"3,Caf\xe9,todo,,,,\n",
+         "t.csv line 4: not utf-8-sig text (invalid continuation byte)", True),  # the sniffer reads it all
+        ((HEADER + "1,A,todo,,,,\n2,\"" + "x" * 200_000 + "\",todo,,,,\n").encode(),
+         "t.csv line 3: field larger than field limit (131072)", False),
+    ],
+)
+def test_unreadable_file_fails_naming_the_line(
+    tmp_path: Path, db_url: str, content: bytes, fault: str, header_fails: bool
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(content)
+    result, rows = sync(db_url, path)
+    assert not result.ok and result.error.endswith(fault) and rows == {}
+    cfg = parse_config({"connectors": {"s": section(path)}}, env={}, connector_types=TYPES).connectors["s"]
+    verdict = CsvConnector("s", cfg).check()  # doctor: a verdict, never a traceback
+    assert verdict.ok is not header_fails and (verdict.ok or verdict.detail.endswith(fault))

@@ -376,7 +376,7 @@ def test_config_defaults_and_secret() -> None:
     [
         (
             {"repos": ["acme/api", "acme"]},
-            'connectors.gh.repos: expected "owner/name" or "owner/*", got \'acme\'',
+            'connectors.gh.repos[1]: expected "owner/name", got "acme"',
         ),
         ({"repos": []}, "connectors.gh.repos"),
         ({"base_url": "api.github.com"}, "connectors.gh.base_url: expected an http(s) URL"),

@@ -87,3 +87,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "trackloop demo" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
+
+
+def test_package_data_lists_files_that_exist() -> None:
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, patterns in package_data.items():
+        for pattern in patterns:
+            assert list((ROOT / package).glob(pattern)), f"package-data {package}/{pattern} matches nothing"

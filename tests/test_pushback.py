@@ -325,6 +325,23 @@ def test_digest_sections_and_changes(world, store: Store) -> None:
                           "    - gh:acme/api#3 Waiting on vendor"]
 
 
+def test_digest_owners_match_auto_created_keys_as_printed(store: Store) -> None:
+    from store.canonical import IdentityKind, IdentityRef, Status, TaskRecord
+    from store.people import IdentityResolver
+    from store.tasks import TaskWriter
+    from sync.digests import DigestConfig, build
+
+    with store.transaction() as s:
+        TaskWriter(source="chat", kind="slack", resolver=IdentityResolver(), now=NOW).upsert(s, [
+            TaskRecord(external_id=str(i), title="t", status=Status.TODO, raw_status="open",
+                       assignees=(IdentityRef(IdentityKind.SLACK, who),))
+            for i, who in enumerate(["U01BOB", "U02EVE", "U02EVE"])])
+    with store.transaction() as s:
+        for owner, n in (("slack:U01BOB", 1), ("slack:U02EVE", 2)):
+            content = build(s, "d", DigestConfig(to=["#ops"], owners=[owner]), NOW, None)
+            assert ("Open", n) in content.counts
+
+
 def test_digest_all_clear_is_one_line(world, store: Store) -> None:
     clock = Clock()
     pipeline = make(world, store, clock, None, digests={"leads": {"to": ["alice"], "sources": ["gh"]}})

@@ -78,6 +78,13 @@ def test_missing_owner(store: Store) -> None:
     assert set(run(store, "missing_owner", sources=["gh"])) == {"shared", "other"}
 
 
+def test_owners_scope_matches_auto_created_keys_as_printed(store: Store) -> None:
+    put(store, task("slack", assignees=(IdentityRef(IdentityKind.SLACK, "U01BOB"),), due=date(2026, 10, 1)),
+        task("gh", due=date(2026, 10, 1)))
+    assert set(run(store, "overdue", owners=["slack:U01BOB"])) == {"slack"}
+    assert set(run(store, "overdue", owners=["GitHub:Bob"])) == {"gh"}
+
+
 # -- stale_status --------------------------------------------------------------------------------
 def test_stale_status_thresholds_per_status_in_business_days(store: Store) -> None:
     quiet = dict(updated_at=None, status_changed_at=None, created_at=NOW - timedelta(days=40))

@@ -12,8 +12,10 @@ from sqlalchemy import select, text
 from store.canonical import IdentityKind, IdentityRef, LinkKind, LinkRecord, Priority, Status, TaskRecord, TaskRef
 from store.db import Store, current_revision, head_revision
 from store.errors import StoreError
+from store.findings import Draft, open_findings, reconcile
 from store.models import Identity, Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver, PersonSpec, sync_people
+from store.queries import TaskFilter, find_task, list_tasks, task_json
 from store.tasks import TaskWriter
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -148,6 +150,44 @@ def test_adding_a_person_to_config_later_adopts_their_tasks(store: Store) -> Non
         sync_people(s, [PersonSpec("bob", "Bob", False, (("github", "bob"),))])
     with store.transaction() as s:
         assert s.scalar(select(Person.key).join(Task, Task.owner_id == Person.id)) == "bob"
+
+
+def test_configuring_a_person_later_merges_their_auto_created_duplicate(store: Store) -> None:
+    bob = IdentityRef(IdentityKind.SLACK, "U01BOB", email="bob@x.org")
+    write(store, [rec("1", assignees=(bob,))])
+    with store.transaction() as s:
+        assert s.scalar(select(Person.key).join(Task, Task.owner_id == Person.id)) == "slack:U01BOB"
+        sync_people(s, [PersonSpec("bob", "Bob", False, (("email", "bob@x.org"),))])
+    with store.transaction() as s:
+        assert s.scalars(select(Person.key)).all() == ["bob"]
+        idents = set(s.execute(select(Identity.kind, Identity.value)).all())
+        assert idents == {("slack", "U01BOB"), ("email", "bob@x.org")}
+    write(store, [rec("1", title="edited", assignees=(bob,))])  # the next Slack change stays with bob
+    with store.transaction() as s:
+        assert s.scalar(select(Person.key).join(Task, Task.owner_id == Person.id)) == "bob"
+
+
+def test_owner_filter_finds_auto_created_people_by_the_key_tasks_json_prints(store: Store) -> None:
+    write(store, [rec("1", assignees=(IdentityRef(IdentityKind.SLACK, "U01BOB"),)),
+                  rec("2", assignees=(IdentityRef(IdentityKind.GITHUB, "Carol"),))])
+    with store.transaction() as s:
+        printed = {t["external_id"]: t["owner"] for t in (task_json(*row) for row in list_tasks(s, TaskFilter()))}
+        assert printed == {"1": "slack:U01BOB", "2": "github:carol"}
+        reconcile(s, "r", "warning", {t.id: Draft("m", None) for t in s.scalars(select(Task))}, T0)
+    with store.transaction() as s:
+        for ext, key in [("1", "slack:U01BOB"), ("2", "github:carol"), ("2", "GitHub:Carol")]:
+            assert [t.external_id for t, _ in list_tasks(s, TaskFilter(owner=key))] == [ext]
+            assert [v.task.external_id for v in open_findings(s, owner=key)] == [ext]
+
+
+def test_find_task_by_reference_or_url(store: Store) -> None:
+    write(store, [rec("acme/api#42", url="https://github.com/acme/api/issues/42"), rec("acme/api#43")], source="gh")
+    with store.transaction() as s:
+        by_url = find_task(s, "https://github.com/acme/api/issues/42")
+        assert by_url is not None and by_url.external_id == "acme/api#42"
+        assert find_task(s, "gh:acme/api#43").external_id == "acme/api#43"
+        assert find_task(s, "https://github.com/acme/api/issues/43") is None
+        assert find_task(s, "nope") is None
 
 
 def test_links_across_sources_and_inverse(store: Store) -> None:

@@ -46,6 +46,33 @@ NOTIFY: dict[str, Any] = {
 DIGESTS: dict[str, Any] = {"leads": {"to": ["alice"], "schedule": "0 9 * * mon-fri"}}
 
 
+# Written into the SQLite header of every demo store, so a rerun only ever replaces a demo store.
+APPLICATION_ID = 0x746C646D  # "tldm"
+DEFAULT_PATH = Path("trackloop-demo.db")
+
+
+class NotADemoStore(TrackloopError):
+    """`--db` names a file the demo did not make: it is never deleted."""
+
+
+def _clear(db_path: Path) -> None:
+    """Remove an earlier demo store (and its -wal/-shm) at `db_path`; refuse any other file."""
+    if db_path.exists() and db_path.name != DEFAULT_PATH.name and not _is_demo_store(db_path):
+        raise NotADemoStore(f"{db_path} exists and is not a trackloop demo store; "
+                            "choose another --db (the demo replaces only a store it made)")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+
+
+def _is_demo_store(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(100)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and int.from_bytes(header[68:72], "big") == APPLICATION_ID
+
+
 @dataclass(frozen=True, slots=True)
 class DemoResult:
     tasks: list[dict[str, Any]]
@@ -64,8 +91,7 @@ def run_demo(db_path: Path) -> DemoResult:
     """Build the demo store from scratch: pull every source, run the rules, plan follow-ups (dry)."""
     from sync.pipeline import Pipeline
 
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    _clear(db_path)
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trackloop-demo-")))
         today = date.today()
@@ -73,6 +99,8 @@ def run_demo(db_path: Path) -> DemoResult:
         config = demo_config(db_path, connectors)
         store = Store(config.store.url)
         stack.callback(store.close)
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"PRAGMA application_id = {APPLICATION_ID}")
         pipeline = Pipeline(store, config, connector_types())
         report = pipeline.engine.run()
         failed = [r for r in report if not r.ok]
