@@ -73,6 +73,8 @@ def claim_due(session: Session, worker: str, now: datetime, limit: int, lease: t
     rows = list(session.scalars(stmt))
     for row in rows:
         row.claimed_by, row.claim_expires = worker, now + lease
+        if row.first_attempt_at is None:  # a post may land from here on, long before `sent_at` records it
+            row.first_attempt_at = now
     session.flush()
     return rows
 
