@@ -348,7 +348,10 @@ def outbox_retry(
             count = retry_failed(session, datetime.now(UTC), keys or [])
         delivered = Pipeline(store, config, connector_types()).deliver_outbox(limit=max(count, 1))
     err.print(f"outbox: {count} requeued; delivered {delivered.sent}, found already delivered "
-              f"{delivered.already_delivered}, retrying {delivered.retrying}, failed {delivered.failed}", markup=False)
+              f"{delivered.already_delivered}, retrying {delivered.retrying}, failed {delivered.failed}, "
+              f"cancelled {delivered.cancelled}", markup=False)
+    if delivered.paused:
+        err.print(f"outbox: follow-ups wait: {delivered.paused}", markup=False)
 
 
 @app.command()

@@ -4,6 +4,8 @@ The outbox is the only retry layer for writes: a failed attempt is rescheduled w
 after `max_attempts`, parked as failed (shown by `trackloop outbox`, retried by `outbox retry`).
 A crash between a connector's post and the record of it is harmless: the claim expires, the
 action is delivered again, and the connector finds its own marker instead of posting twice.
+Follow-ups wait out `[notify]` quiet hours and days off (retries too; digests keep their own
+schedule), and one whose finding resolved before delivery is cancelled instead of sent.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from connectors.errors import PushError
 from store.canonical import Action
 from store.db import Store
 from store.errors import TrackloopError
-from store.models import OutboxAction, Task
-from store.outbox import claim_due, mark_failed, mark_sent
+from store.models import Finding, OutboxAction, Task
+from store.outbox import claim_due, mark_cancelled, mark_failed, mark_sent
 from sync.config import AppConfig
 from sync.engine import build_connector
 
@@ -34,6 +36,8 @@ class DeliveryReport:
     already_delivered: int = 0
     retrying: int = 0
     failed: int = 0
+    cancelled: int = 0
+    paused: str | None = None  # why follow-ups wait (quiet hours, a day off)
 
 
 def to_action(row: OutboxAction, task: Task | None) -> Action:
@@ -84,9 +88,19 @@ class Deliverer:
     def deliver_due(self, limit: int = 50) -> DeliveryReport:
         """Claim and deliver up to `limit` due actions."""
         report = DeliveryReport()
+        now = self.clock()
+        paused = report.paused = self.config.notify.in_quiet_time(now) if self.config.notify else None
+        claimed = []
         with self.store.transaction() as session:
-            claimed = [(row.id, to_action(row, session.get(Task, row.task_id) if row.task_id else None), row.connector)
-                       for row in claim_due(session, self.worker, self.clock(), limit, CLAIM_LEASE)]
+            for row in claim_due(session, self.worker, now, limit, CLAIM_LEASE, digests_only=paused is not None):
+                finding = session.get(Finding, row.finding_id) if row.finding_id else None
+                if finding is not None and finding.status == "resolved":
+                    mark_cancelled(session, row.id, self.worker, "finding resolved before delivery")
+                    report.cancelled += 1
+                    log.info("outbox %s: cancelled, its finding resolved before delivery", row.key)
+                    continue
+                task = session.get(Task, row.task_id) if row.task_id else None
+                claimed.append((row.id, to_action(row, task), row.connector))
         for action_id, action, connector_name in claimed:
             self._deliver_one(action_id, action, connector_name, report)
         return report

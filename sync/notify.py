@@ -271,6 +271,8 @@ class Planner:
         if base not in latest:
             return 0, first_seen
         number, last = latest[base]
+        if last.status == "cancelled":
+            return number + 1, first_seen  # its finding resolved before it was said: this is a new one
         if once or last.status != "sent" or last.sent_at is None:
             return None, first_seen  # pending or failed actions handle themselves
         due = last.sent_at + self.policy.remind_every
@@ -298,7 +300,7 @@ class Planner:
     def _apply_caps(self, candidates: list[Planned], past: list[PastAction], now: datetime, plan: Plan) -> None:
         today = self.policy.day_start(now)
         per_day: Counter[tuple[int | None, str, str | None]] = Counter(
-            (a.task_id, a.connector, a.target) for a in past if a.created_at >= today
+            (a.task_id, a.connector, a.target) for a in past if a.created_at >= today and a.status != "cancelled"
         )
         candidates.sort(key=lambda c: (c.due_since, c.action.key))
         for candidate in candidates:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from connectors.registry import connector_types
 from store.db import Store
 from store.models import Finding, OutboxAction
+from store.outbox import action_json
 from sync.config import parse_config
 from sync.pipeline import Pipeline
 from sync.standins.github import GithubStandin
@@ -206,6 +207,53 @@ def test_quiet_hours_and_working_days(world, store: Store) -> None:
     assert make(world, store, clock, notify).sync().plan.paused == "sat is not a working day"
     clock.now = datetime(2026, 11, 9, 7, 30, tzinfo=UTC)  # Monday 08:30 in Berlin
     assert len(make(world, store, clock, notify).sync().plan.actions) == 1
+
+
+def test_retries_wait_out_quiet_hours(world, store: Store) -> None:
+    """A failed attempt's retry, or `outbox retry`, is no follow-up at 21:30 or on a Saturday."""
+    from store.outbox import retry_failed
+
+    gh, clock = world["gh"], Clock()
+    n = overdue_issue(gh)
+    notify = {"comment_on_source": ["overdue"], "quiet_hours": "20:00-08:00", "timezone": "Europe/Berlin",
+              "working_days": ["mon", "tue", "wed", "thu", "fri"], "max_attempts": 1}
+    pipeline = make(world, store, clock, notify)
+    gh.inject(r"/issues/\d+/comments$", method="POST", status=502, times=1)
+    cycle(pipeline)
+    assert [status for _, status in outbox(store)] == ["failed"]
+    clock.now = datetime(2026, 11, 3, 20, 30, tzinfo=UTC)  # 21:30 in Berlin
+    with store.transaction() as s:
+        assert retry_failed(s, clock.now) == 1
+    report = pipeline.deliver_outbox()
+    assert report.sent == 0 and report.paused == "quiet hours (20:00-08:00 Europe/Berlin)"
+    clock.now = datetime(2026, 11, 7, 12, 0, tzinfo=UTC)  # Saturday
+    assert pipeline.deliver_outbox().sent == 0 and comments_by_bot(gh, n) == []
+    clock.now = datetime(2026, 11, 9, 7, 30, tzinfo=UTC)  # Monday 08:30 in Berlin
+    assert pipeline.deliver_outbox().sent == 1 and len(comments_by_bot(gh, n)) == 1
+
+
+def test_action_whose_finding_resolved_is_cancelled_not_sent(world, store: Store) -> None:
+    gh, clock = world["gh"], Clock()
+    n = overdue_issue(gh)
+    pipeline = make(world, store, clock, {"comment_on_source": ["overdue"], "max_attempts": 3})
+    gh.inject(r"/issues/\d+/comments$", method="POST", status=502, times=1)
+    cycle(pipeline)
+    key = f"overdue:gh:acme/api#{n}:comment:task:0"
+    assert outbox(store) == [(key, "pending")]  # waiting for its retry
+    gh.set_now(NOW + timedelta(minutes=1))
+    gh.update_issue("acme/api", n, state="closed")  # done meanwhile: nothing is overdue any more
+    clock.now += timedelta(minutes=10)
+    pipeline.sync()
+    report = pipeline.deliver_outbox()
+    assert report.cancelled == 1 and report.sent == 0
+    assert outbox(store) == [(key, "cancelled")] and comments_by_bot(gh, n) == []
+    with store.transaction() as s:
+        row = s.scalar(select(OutboxAction))
+        assert action_json(row)["status"] == "cancelled" and "resolved" in row.last_error
+    gh.update_issue("acme/api", n, state="open")  # it reopens, still late: a new finding is followed up
+    clock.now += timedelta(minutes=10)
+    cycle(pipeline)
+    assert outbox(store)[-1] == (f"overdue:gh:acme/api#{n}:comment:task:1", "sent")
 
 
 def test_reminders_follow_remind_every_and_escalation_goes_to_the_lead(world, store: Store) -> None:
