@@ -28,7 +28,7 @@ from sync import digests
 from sync.config import AppConfig
 from sync.delivery import Deliverer, DeliveryReport
 from sync.engine import SyncEngine, SyncResult
-from sync.notify import Plan, Planner
+from sync.notify import Plan, Planner, verify_signals
 
 log = logging.getLogger("trackloop.pipeline")
 
@@ -82,7 +82,9 @@ class Pipeline:
         self.rules = RulesEngine(build_rules(rule_types(), config.rules), clock=self.clock)
         self.worker = worker or default_worker_id()
         connectors = {name: (cfg.type, connector_types[cfg.type]) for name, cfg in config.connectors.items()}
-        self.planner = Planner(config.notify, connectors) if config.notify is not None else None
+        labels = getattr(config.rules.get("done_unverified"), "verified_labels", ["verified"])
+        signals = verify_signals(config.connectors, labels)
+        self.planner = Planner(config.notify, connectors, signals) if config.notify is not None else None
 
     # -- the cycle ------------------------------------------------------------------------------
     def sync(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> CycleReport:

@@ -53,7 +53,7 @@ def world() -> Iterator[dict[str, Any]]:
 
 
 def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, Any] | None,
-         digests: dict[str, Any] | None = None) -> Pipeline:
+         digests: dict[str, Any] | None = None, rules: dict[str, Any] | None = None) -> Pipeline:
     data: dict[str, Any] = {
         "store": {"url": store.url},
         "people": {
@@ -70,6 +70,7 @@ def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, An
         "rules": {rid: {"enabled": False} for rid in ("missing_context", "no_due_date", "stale_status", "due_soon",
                                                        "at_risk", "dependency_at_risk", "done_unverified")},
     }
+    data["rules"].update(rules or {})
     if notify is not None:
         data["notify"] = notify
     if digests is not None:
@@ -291,7 +292,34 @@ def test_verification_is_asked_once_and_only_for_observed_transitions(world, sto
     cycle(pipeline)
     asks = comments_by_bot(gh, open_one)
     assert len(asks) == 1 and "was marked done" in asks[0] and "the page loads" in asks[0]
+    plain = asks[0].replace("\\`", "`")  # GitHub Markdown escapes the plain text's backticks
+    assert f"Add the `verified` label or run `trackloop verify gh:acme/api#{open_one}`." in plain
+    assert "reply" not in asks[0]  # a reply is no verification signal
     assert comments_by_bot(gh, already) == []
+
+
+def test_verification_asks_name_the_sources_own_signals(world, store: Store) -> None:
+    """Labels only where tasks have labels (with the configured names), ✅ in Slack, the CLI always."""
+    from dataclasses import asdict
+
+    from sync.messages import how_to_verify
+
+    gh, slack, clock = world["gh"], world["slack"], Clock()
+    n = gh.add_issue("acme/api", title="Shipped", state="closed", assignees=("bob-o",),
+                     closed_at=NOW - timedelta(days=3))["number"]
+    pipeline = make(world, store, clock, {"comment_on_source": ["done_unverified"], "dm_owner": ["done_unverified"]},
+                    rules={"done_unverified": {"verified_labels": ["qa-ok"]}})
+    cycle(pipeline)
+    [comment] = comments_by_bot(gh, n)
+    plain = comment.replace("\\`", "`")
+    assert f"Add the `verified` or `qa-ok` label or run `trackloop verify gh:acme/api#{n}`." in plain
+    [dm] = dms(slack, BOB_SLACK)
+    assert "`qa-ok`" in dm["text"] and "reply" not in dm["text"]
+    signals = pipeline.planner.signals
+    assert how_to_verify("jira:OPS-1", **asdict(signals["jira"])) == (
+        "Add the `qa-ok` label, move it to “Verified”, or run `trackloop verify jira:OPS-1`.")
+    assert how_to_verify("slack:C1/1.2", **asdict(signals["slack"])) == (
+        "React with ✅ (someone other than the owner) or run `trackloop verify slack:C1/1.2`.")
 
 
 HOSTILE = "<!channel> @here <script>alert(1)</script> [x](https://evil.example) " + "A" * 10_000
