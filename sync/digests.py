@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from connectors.base import safe_url
 from connectors.slack import escape_mrkdwn
 from store.canonical import OPEN_STATUSES, Status
 from store.models import Finding, OutboxAction, Person, Task, TaskEvent
@@ -69,7 +70,7 @@ class DigestConfig(BaseModel):
 class Item:
     ref: str
     title: str
-    url: str | None
+    url: str | None  # as the source gave it: renderers link only `safe_url(url)`
     note: str
 
 
@@ -78,6 +79,11 @@ class Section:
     title: str
     by_owner: dict[str, list[Item]] = field(default_factory=lambda: defaultdict(list))
     total: int = 0
+
+    @property
+    def more(self) -> int:
+        """Items counted but not listed (beyond `max_items`): every renderer says how many."""
+        return self.total - sum(len(items) for items in self.by_owner.values())
 
 
 @dataclass(slots=True)
@@ -223,9 +229,10 @@ def render_text(d: DigestContent) -> str:
         lines += ["", f"{section.title} ({section.total})"]
         for owner, items in section.by_owner.items():
             lines.append(f"  {owner}")
-            lines += [f"    - {i.ref} {i.title}: {i.note}" + (f" <{i.url}>" if i.url else "") for i in items]
-        if section.total > sum(len(v) for v in section.by_owner.values()):
-            lines.append(f"  … and {section.total - sum(len(v) for v in section.by_owner.values())} more")
+            lines += [f"    - {i.ref} {i.title}: {i.note}" + (f" <{url}>" if (url := safe_url(i.url)) else "")
+                      for i in items]
+        if section.more:
+            lines.append(f"  … and {section.more} more")
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         lines += ["", f"Since {_since(d)}"]
@@ -256,8 +263,10 @@ def render_markdown(d: DigestContent) -> str:
         for owner, items in section.by_owner.items():
             lines += ["", f"**{_md(owner)}**", ""]
             for i in items:
-                ref = f"[{_md(i.ref)}]({i.url})" if i.url else _md(i.ref)
+                ref = f"[{_md(i.ref)}]({url})" if (url := safe_url(i.url)) else _md(i.ref)
                 lines.append(f"- {ref} {_md(i.title)}: {_md(i.note)}")
+        if section.more:
+            lines += ["", f"… and {section.more} more"]
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         lines += ["", f"## Since {_since(d)}"]
@@ -280,9 +289,11 @@ def render_html(d: DigestContent) -> str:
             for owner, items in section.by_owner.items():
                 parts.append(f"<h3>{e(owner)}</h3><ul>")
                 for i in items:
-                    ref = f'<a href="{e(i.url)}">{e(i.ref)}</a>' if i.url else e(i.ref)
+                    ref = f'<a href="{e(url)}">{e(i.ref)}</a>' if (url := safe_url(i.url)) else e(i.ref)
                     parts.append(f"<li>{ref} {e(i.title)}: {e(i.note)}</li>")
                 parts.append("</ul>")
+            if section.more:
+                parts.append(f"<p>… and {section.more} more</p>")
         changes = [(label, items) for label, items in d.changes if items]
         if changes:
             parts.append(f"<h2>Since {e(_since(d))}</h2>")
@@ -312,9 +323,11 @@ def render_blocks(d: DigestContent) -> list[dict[str, object]]:
         for owner, items in sec.by_owner.items():
             lines = [f"*{escape_mrkdwn(owner)}*"]
             for i in items:
-                ref = f"<{i.url}|{escape_mrkdwn(i.ref)}>" if i.url else escape_mrkdwn(i.ref)
+                ref = f"<{url}|{escape_mrkdwn(i.ref)}>" if (url := safe_url(i.url)) else escape_mrkdwn(i.ref)
                 lines.append(f"• {ref} {escape_mrkdwn(i.title)}: {escape_mrkdwn(i.note)}")
             blocks.append(section("\n".join(lines)))
+        if sec.more:
+            blocks.append(section(f"… and {sec.more} more"))
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         blocks += [{"type": "divider"}, {"type": "header", "text": {

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from connectors.base import safe_url
+
 TITLE_LIMIT = 120
 _SPACE = re.compile(r"\s+")
 
@@ -66,13 +68,13 @@ def direct(rule: str, finding: str, *, ref: str, title: str, url: str | None, re
            how: str | None = None) -> str:
     """A direct message to a person about one task."""
     again = "Reminder: " if reminder else ""
-    link = f"\n{url}" if url else ""
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
     return f"{again}{ref} “{short(title)}”: {finding}.\n{_ask(rule, how)}{link}"
 
 
 def triage(finding: str, *, ref: str, title: str, url: str | None) -> str:
     """A note to the triage channel about work nobody owns."""
-    link = f"\n{url}" if url else ""
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
     return f"Needs an owner: {ref} “{short(title)}”: {finding}.{link}"
 
 
@@ -80,7 +82,7 @@ def escalation(rule: str, finding: str, *, ref: str, title: str, url: str | None
                owner: str | None) -> str:
     """A note to the lead about a finding nobody acted on."""
     who = f"owner: {owner}" if owner else "no owner"
-    link = f"\n{url}" if url else ""
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
     return (f"Still open after {open_for} ({who}): {ref} “{short(title)}”: {finding}.\n"
             f"It may need your help to move.{link}")
 

@@ -5,6 +5,7 @@ Real connectors talk to the loopback stand-ins; time is moved by a clock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -326,14 +327,77 @@ HOSTILE = "<!channel> @here <script>alert(1)</script> [x](https://evil.example) 
 
 
 def test_hostile_titles_cannot_ping_or_inject(world, store: Store) -> None:
+    """The title travels in DMs, triage notes and digests (Slack, Markdown, HTML); none of them
+    lets it ping, link or inject markup. (Comments on the task itself do not repeat its title.)"""
+    from sync.digests import render_html, render_markdown
+
     gh, slack, clock = world["gh"], world["slack"], Clock()
-    n = overdue_issue(gh, title=HOSTILE)
-    cycle(make(world, store, clock, {"comment_on_source": ["overdue"], "dm_owner": ["overdue"]}))
+    overdue_issue(gh, title=HOSTILE)
+    overdue_issue(gh, title=HOSTILE, assignee="")
+    pipeline = make(world, store, clock, {"dm_owner": ["overdue"],
+                                          "triage_channel": {"connector": "slack", "channel": "C0TRIAGE"}},
+                    digests={"leads": {"to": ["alice"], "schedule": "0 9 * * *", "sources": ["gh"]}},
+                    rules={"missing_owner": {"grace": "0s"}})
+    cycle(pipeline)
     [dm] = dms(slack, BOB_SLACK)
-    assert "<!channel>" not in dm["text"] and "<script>" not in dm["text"] and "@here" not in dm["text"]
-    assert len(dm["text"]) < 1000
-    [comment] = comments_by_bot(gh, n)
-    assert "overdue by" in comment and "@here" not in comment and "<script>" not in comment
+    [note] = slack.sent("C0TRIAGE")
+    for text in (dm["text"], note["text"]):
+        assert "<!channel>" not in text and "<script>" not in text and "@here" not in text
+        assert "<https://evil" not in text and len(text) < 1000  # mrkdwn links are <url|text>
+    pipeline.send_digest("leads")
+    [digest] = dms(slack, ALICE_SLACK)
+    blocks = json.dumps(digest["blocks"], ensure_ascii=False)
+    assert "<!channel>" not in blocks and "@here" not in blocks and "<script>" not in blocks
+    assert "&lt;!channel&gt;" in blocks  # the title is there, as text
+    assert "<https://evil.example" not in blocks and "<https://github.com/acme/api/issues/1|" in blocks
+    content = pipeline.digest("leads").content
+    md = render_markdown(content)
+    assert "](https://evil.example)" not in md and "\\[x\\]\\(https://evil.example\\)" in md
+    assert "<script>" not in md and "@here" not in md
+    page = render_html(content)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert all(len(line) < 2000 for line in page.splitlines())  # 10 kB titles are cut short
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "JaVaScRiPt:alert(1)", "data:text/html,<b>x</b>",
+                                 "ftp://files.example/x", "//evil.example/x", "not a url", ""])
+def test_digest_links_only_http_urls(url: str) -> None:
+    """A CSV source's URL is free text: anything but http(s) shows no link in any renderer."""
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest(url)
+    assert "href" not in render_html(content) and "](" not in render_markdown(content)
+    assert "|gh:1>" not in json.dumps(render_blocks(content)) and " <" not in render_text(content)
+
+
+def test_digest_links_percent_encode_what_would_end_them() -> None:
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest('https://x.example/a|b>c<d (e)"f\'g h')
+    encoded = "https://x.example/a%7Cb%3Ec%3Cd%20%28e%29%22f%27g%20h"
+    assert f"[gh:1]({encoded})" in render_markdown(content)
+    assert f'<a href="{encoded}">gh:1</a>' in render_html(content)
+    assert f"<{encoded}|gh:1>" in json.dumps(render_blocks(content))
+    assert f"<{encoded}>" in render_text(content)
+
+
+def one_item_digest(url: str, *, items: int = 1, max_items: int = 200) -> Any:
+    from sync.digests import DigestContent, Item, Section
+
+    section = Section("Overdue", total=items)
+    section.by_owner["bob"] = [Item(f"gh:{n}", f"task {n}", url, "overdue by 1 day")
+                               for n in range(1, min(items, max_items) + 1)]
+    return DigestContent("leads", NOW, None, [("Open", items), ("Overdue", items)], [section], [])
+
+
+def test_every_renderer_counts_what_max_items_leaves_out() -> None:
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest("https://x.example/1", items=5, max_items=2)
+    assert "  … and 3 more" in render_text(content).splitlines()
+    assert "… and 3 more" in render_markdown(content).splitlines()
+    assert "<p>… and 3 more</p>" in render_html(content)
+    assert "… and 3 more" in json.dumps(render_blocks(content), ensure_ascii=False)
 
 
 def test_triage_channel_gets_unowned_work(world, store: Store) -> None:

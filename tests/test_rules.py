@@ -292,13 +292,6 @@ def test_disabling_a_rule_resolves_its_findings(store: Store) -> None:
     assert run(store, "overdue", enabled=False) == {}
 
 
-@pytest.mark.parametrize("rule_id", sorted(TYPES))
-def test_every_rule_honours_source_scope(store: Store, rule_id: str) -> None:
-    put(store, task("x", assignees=(), due=date(2026, 10, 1), body="", acceptance_criteria=None,
-                    priority=Priority.HIGH))
-    assert run(store, rule_id, sources=["nowhere"]) == {}
-
-
 # -- every rule: an exempt label keeps it quiet, and fixing the task resolves the finding --------
 FIRING: dict[str, tuple[dict, dict]] = {
     # rule: (record that fires, changes that clear it)
@@ -316,6 +309,30 @@ FIRING: dict[str, tuple[dict, dict]] = {
     "at_risk": (dict(due=date(2026, 11, 4), remaining_estimate_s=10 * 8 * 3600),
                 dict(due=date(2026, 11, 30), remaining_estimate_s=10 * 8 * 3600)),
 }
+
+
+def firing(rule_id: str, **extra) -> list[TaskRecord]:
+    """Records that make `rule_id` flag the task "t" (dependency_at_risk needs its late blocker)."""
+    if rule_id == "dependency_at_risk":
+        return [task("t", due=date(2026, 12, 20), **extra),
+                task("late", due=date(2026, 10, 28), links=blocks("t"), labels=("elsewhere-only",))]
+    fires, _ = FIRING[rule_id]
+    return [task("t", **fires, **extra)]
+
+
+SCOPED_OUT = [("sources", ["nowhere"]), ("owners", ["nobody"]), ("labels", ["elsewhere"]),
+              ("exclude_labels", ["team-a"])]
+
+
+@pytest.mark.parametrize("rule_id", sorted(TYPES))
+def test_every_rule_honours_its_scope(store: Store, rule_id: str) -> None:
+    """Each rule fires on its fixture unscoped, and flags nothing once any scope key leaves it out."""
+    assert set(TYPES) == {*FIRING, "dependency_at_risk"}  # a new rule needs a firing fixture here
+    put(store, *firing(rule_id, labels=("team-a",)), now=NOW - timedelta(days=10))
+    assert "t" in run(store, rule_id, exclude_labels=[])
+    assert "t" in run(store, rule_id, sources=["gh"], labels=["team-a"])
+    for key, value in SCOPED_OUT:
+        assert "t" not in run(store, rule_id, **{key: value}), f"{rule_id} ignores {key} = {value}"
 
 
 @pytest.mark.parametrize("rule_id", sorted(FIRING))
