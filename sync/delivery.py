@@ -14,15 +14,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
 
 from connectors.base import Connector
-from connectors.errors import PushError
-from store.canonical import Action
+from connectors.errors import AuthError, ConnectorError, PushError, TransientError
+from connectors.smtp import SmtpConfig, SmtpSender, address_domain, message_id_for
+from store.canonical import Action, PushResult
 from store.db import Store
 from store.errors import TrackloopError
 from store.models import Finding, OutboxAction, Task
 from store.outbox import claim_due, mark_cancelled, mark_failed, mark_sent
 from sync.config import AppConfig
+from sync.digests import SMTP_VIA
 from sync.engine import build_connector
 
 log = logging.getLogger("trackloop.outbox")
@@ -54,6 +58,45 @@ def to_action(row: OutboxAction, task: Task | None) -> Action:
     )
 
 
+class SmtpMail:
+    """Email digests sent straight through `[smtp]`, for installs with no imap connector.
+
+    The Message-ID is derived from the key, but with no Sent folder to look in, a crash between
+    the send and its record sends that digest again (an imap connector would find it first).
+    """
+
+    def __init__(self, config: SmtpConfig, clock: Callable[[], datetime]) -> None:
+        self.config = config
+        self.clock = clock
+
+    def push(self, action: Action) -> PushResult:
+        sender = self.config.from_address
+        if not sender:
+            raise PushError("[smtp] has no sender (and username is no address): set [smtp] sender", permanent=True)
+        message_id = message_id_for(action.key, address_domain(sender))
+        message = EmailMessage()
+        try:
+            message["From"], message["To"] = sender, (action.target or "").strip()
+            message["Subject"] = action.subject or "trackloop"
+        except ValueError as exc:  # an address or subject EmailMessage refuses (e.g. a line break)
+            raise PushError(f"[smtp]: cannot compose the message: {exc}", permanent=True) from None
+        message["Date"], message["Message-ID"] = format_datetime(self.clock()), message_id
+        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no out-of-office answers to us
+        message.set_content(action.text)
+        if action.payload.get("html"):
+            message.add_alternative(str(action.payload["html"]), subtype="html")
+        try:
+            SmtpSender(self.config, logger=log).send(message)
+        except (TransientError, AuthError) as exc:
+            raise PushError(f"[smtp]: {exc}", permanent=False) from exc
+        except ConnectorError as exc:
+            raise PushError(f"[smtp]: {exc}", permanent=True) from exc
+        return PushResult(message_id)
+
+    def close(self) -> None:
+        """Nothing held open: SmtpSender connects once per message."""
+
+
 class Deliverer:
     def __init__(
         self,
@@ -71,9 +114,11 @@ class Deliverer:
         self.worker = worker
         self.clock = clock or (lambda: datetime.now(UTC))
         self.max_attempts = max_attempts
-        self._connectors: dict[str, Connector] = {}  # type: ignore[type-arg]
+        self._connectors: dict[str, Connector | SmtpMail] = {}  # type: ignore[type-arg]
 
-    def connector(self, name: str) -> Connector:  # type: ignore[type-arg]
+    def connector(self, name: str) -> Connector | SmtpMail:  # type: ignore[type-arg]
+        if name == SMTP_VIA and self.config.smtp is not None:
+            self._connectors.setdefault(name, SmtpMail(self.config.smtp, self.clock))
         if name not in self._connectors:
             if name not in self.config.connectors:
                 raise PushError(f"connector {name!r} is no longer configured", permanent=True)

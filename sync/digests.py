@@ -30,6 +30,7 @@ from sync.messages import short
 from sync.zones import TimeZoneName
 
 Via = Literal["slack", "email"]
+SMTP_VIA = "[smtp]"  # the outbox "connector" of email digests sent straight through [smtp] (no imap connector)
 
 
 class DigestConfig(BaseModel):
@@ -43,7 +44,8 @@ class DigestConfig(BaseModel):
     via: list[Via] = Field(default_factory=lambda: ["slack"], description="slack and/or email.")
     slack_connector: str | None = Field(None, description="Slack connector to post with (default: the only one).")
     email_connector: str | None = Field(
-        None, description="imap connector whose SMTP settings send email digests (default: the only one)."
+        None, description="imap connector whose SMTP settings send email digests (default: the only one, "
+        "else the top-level [smtp])."
     )
     sources: list[str] = Field(default_factory=list, description="Only tasks of these connectors (empty: all).")
     labels: list[str] = Field(default_factory=list, description="Only tasks with one of these labels (empty: all).")
@@ -354,6 +356,8 @@ def recipients(
     content: DigestContent,
     connectors: dict[str, str],  # connector name -> type
     identities: dict[tuple[str, str], str],  # (person key, kind) -> value
+    *,
+    smtp: bool = False,  # a top-level [smtp] can send email when no imap connector does
 ) -> tuple[list[NewAction], list[str]]:
     """The outbox actions that deliver `content`, and the recipients that could not be reached."""
     actions: list[NewAction] = []
@@ -364,7 +368,7 @@ def recipients(
         if connector is None:
             wanted = "slack" if via == "slack" else "imap"
             found = [n for n, kind in connectors.items() if kind == wanted]
-            connector = found[0] if len(found) == 1 else None
+            connector = found[0] if len(found) == 1 else SMTP_VIA if via == "email" and smtp and not found else None
         for recipient in config.to:
             is_channel = recipient.startswith("#") or recipient[:1] in ("C", "G") and recipient.isupper()
             if via == "slack":

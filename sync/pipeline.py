@@ -155,7 +155,7 @@ class Pipeline:
             identities = {(key, kind): value for key, kind, value in session.execute(
                 select(Person.key, Identity.kind, Identity.value).join(Identity).order_by(Identity.id.desc()))}
         kinds = {n: c.type for n, c in self.config.connectors.items()}
-        actions, missed = digests.recipients(name, cfg, content, kinds, identities)
+        actions, missed = digests.recipients(name, cfg, content, kinds, identities, smtp=self.config.smtp is not None)
         return DigestRun(name, content.slot, actions, missed, content)
 
     def send_digest(self, name: str) -> DigestRun:

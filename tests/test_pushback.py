@@ -54,7 +54,7 @@ def world() -> Iterator[dict[str, Any]]:
 
 
 def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, Any] | None,
-         digests: dict[str, Any] | None = None, rules: dict[str, Any] | None = None) -> Pipeline:
+         digests: dict[str, Any] | None = None, rules: dict[str, Any] | None = None, **top: Any) -> Pipeline:
     data: dict[str, Any] = {
         "store": {"url": store.url},
         "people": {
@@ -72,6 +72,7 @@ def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, An
                                                        "at_risk", "dependency_at_risk", "done_unverified")},
     }
     data["rules"].update(rules or {})
+    data.update(top)
     if notify is not None:
         data["notify"] = notify
     if digests is not None:
@@ -496,3 +497,40 @@ def test_digest_sent_once_per_slot_and_block_kit_limits_for_2000_tasks(world, st
     clock.now = datetime(2026, 11, 4, 9, 1, tzinfo=UTC)
     assert [r.name for r in pipeline.send_due_digests()] == ["leads"]
     assert date(2026, 11, 4) == clock.now.date()
+
+
+def test_email_digest_goes_through_smtp_without_an_imap_connector(world, store: Store, smtp_sink: Any) -> None:
+    gh, clock = world["gh"], Clock()
+    overdue_issue(gh, title="Late work")
+    smtp = {"host": smtp_sink.host, "port": smtp_sink.port, "starttls": False, "sender": "trackloop@example.com"}
+    pipeline = make(world, store, clock, None, smtp=smtp,
+                    digests={"leads": {"to": ["alice"], "via": ["email"], "schedule": "0 9 * * *"}})
+    cycle(pipeline)
+    [run] = pipeline.send_due_digests()
+    assert run.missed == [] and [a.connector for a in run.actions] == ["[smtp]"]
+    [mail] = smtp_sink.messages
+    assert mail["From"] == "trackloop@example.com" and mail["To"] == "alice@example.com"
+    assert mail["Subject"].startswith("trackloop digest “leads”") and mail["Message-ID"].endswith("@example.com>")
+    assert "Late work" in mail.get_body(("plain",)).get_content()
+    assert "Late work" in mail.get_body(("html",)).get_content()
+    assert outbox(store) == [(run.actions[0].key, "sent")]
+    assert pipeline.send_due_digests() == [] and len(smtp_sink.messages) == 1  # once per slot
+
+
+@pytest.mark.parametrize(("smtp", "why"), [
+    (None, "there is neither an imap connector nor [smtp]"),
+    ({"host": "smtp.example.com", "username": "bot"}, "[smtp] sets no sender"),
+])
+def test_email_digest_with_no_way_to_send_fails_at_config_load(smtp: dict[str, Any] | None, why: str) -> None:
+    from store.errors import ConfigError
+
+    data: dict[str, Any] = {"people": {"alice": {"email": "alice@example.com"}},
+                            "digests": {"leads": {"to": ["alice"], "via": ["email"]}}}
+    if smtp:
+        data["smtp"] = smtp
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={}, connector_types=connector_types())
+    [problem] = caught.value.problems
+    assert problem.path == "digests.leads.via" and problem.message == f"cannot email 'alice': {why}"
+    data["smtp"] = {"host": "smtp.example.com", "username": "bot@example.com"}  # a login that is an address
+    assert parse_config(data, env={}, connector_types=connector_types()).smtp.from_address == "bot@example.com"
