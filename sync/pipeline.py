@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -57,6 +57,7 @@ class DigestRun:
     actions: list[NewAction]
     missed: list[str]
     content: digests.DigestContent
+    queued: int = 0  # deliveries new to the outbox (0: this slot was queued before)
 
 
 class _Rollback(Exception):
@@ -98,8 +99,13 @@ class Pipeline:
 
     def run_rules(self) -> list[RuleOutcome]:
         with self.store.transaction() as session:
-            exclusive(session, "rules")  # replicas take turns: findings are reconciled set-wise
-            return self.rules.run(session)
+            return self.rules_in(session)
+
+    def rules_in(self, session: Session) -> list[RuleOutcome]:
+        """Run the rules in the caller's transaction, one process at a time: findings are
+        reconciled set-wise, and two runs at once would race on the one-open-finding index."""
+        exclusive(session, "rules")
+        return self.rules.run(session)
 
     def plan_followups(self, *, dry_run: bool = False) -> Plan | None:
         """Queue the follow-ups `[notify]` asks for; a dry run returns them and queues nothing."""
@@ -126,7 +132,7 @@ class Pipeline:
         try:
             with self.store.transaction() as session:
                 report.syncs = self.engine.run_in(session, only, full=full)
-                report.rules = self.rules.run(session)
+                report.rules = self.rules_in(session)
                 report.plan = self._plan(session) if self.planner is not None else None
                 raise _Rollback
         except _Rollback:
@@ -162,11 +168,11 @@ class Pipeline:
         """Queue digest `name` for its current slot (once per slot) and deliver it now."""
         run = self.digest(name)
         with self.store.transaction() as session:
-            enqueue(session, run.actions, self.clock())
+            queued = len(enqueue(session, run.actions, self.clock()))
         for recipient in run.missed:
             log.warning("digest %s: cannot reach %s (no identity or connector for it)", name, recipient)
         self.deliver_outbox(limit=max(len(run.actions), 1) * 2)
-        return run
+        return replace(run, queued=queued)
 
     def send_due_digests(self) -> list[DigestRun]:
         """Send every digest whose current slot has not been sent yet."""

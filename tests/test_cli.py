@@ -165,3 +165,25 @@ def test_demo_prints_a_real_table(tmp_path: Path) -> None:
     assert any(line.startswith("sheet:OPS-106\toverdue\twarning\tcarol\toverdue by 5 days") for line in lines)
     assert "to\tmessage" in lines and any(line.startswith("carol\tsheet:OPS-106") for line in lines)  # DMs
     assert any(line.startswith("trackloop digest “leads”") for line in lines) and "Overdue: 4" in lines
+
+
+@pytest.mark.parametrize("command", [("rules", "run"), ("verify", "sheet:2")])
+def test_cli_rule_runs_take_the_rules_lock(project: Path, db_url: str, command: tuple[str, ...]) -> None:
+    """`rules run` and `verify` wait for a daemon's rules run instead of racing it (PostgreSQL)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time; the lock is PostgreSQL's")
+    from sqlalchemy import create_engine, func, select
+
+    from store.locks import lock_key
+
+    write_config(project, GOOD.replace('url = "sqlite:///store.db"', f'url = "{db_url}"'))
+    assert run("sync", cwd=project).returncode == 0
+    holder = create_engine(db_url)
+    with holder.connect() as conn, conn.begin():
+        conn.execute(select(func.pg_advisory_xact_lock(lock_key("rules"))))  # a daemon mid-run
+        waiting = subprocess.Popen([*TRACKLOOP, *command], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={k: v for k, v in os.environ.items() if not k.startswith("TRACKLOOP_")})
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=4)
+    assert waiting.wait(timeout=60) == 0  # the lock is released with the transaction
+    holder.dispose()
