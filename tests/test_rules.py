@@ -217,6 +217,24 @@ def test_blocker_due_after_dependent_and_stale_blocker(store: Store) -> None:
     assert found["c"].startswith("blocked by gh:d, which is stale (in progress with no activity")
 
 
+@pytest.mark.parametrize("stale_settings", [dict(enabled=False), dict(sources=["jira"]), dict(labels=["team-b"]),
+                                            dict(exclude_labels=["waiting"])])
+def test_stale_blocker_counts_whatever_stale_status_flags(store: Store, stale_settings: dict) -> None:
+    """Switching stale_status off or scoping it away from a blocker silences its nags, not the risk."""
+    put(store, task("c"), task("d", status=Status.IN_PROGRESS, updated_at=NOW - timedelta(days=20),
+                               labels=("waiting",), links=blocks("c")), now=NOW - timedelta(days=20))
+    config = {rid: cls.config_model(enabled=False) for rid, cls in TYPES.items()}
+    config["stale_status"] = TYPES["stale_status"].config_model(**stale_settings, after={"in_progress": "5d"})
+    config["dependency_at_risk"] = TYPES["dependency_at_risk"].config_model()
+    with store.transaction() as s:
+        RulesEngine(build_rules(TYPES, config), clock=lambda: NOW).run(s)
+    with store.transaction() as s:
+        found = {v.task.external_id: v.finding.message for v in open_findings(s, rule="dependency_at_risk")}
+        assert open_findings(s, rule="stale_status") == []  # stale_status itself says nothing about d
+    assert found == {"c": "blocked by gh:d, which is stale (in progress with no activity for 14 business days; "
+                          "threshold 5d)"}
+
+
 def test_closed_blocker_is_no_risk(store: Store) -> None:
     put(store, task("a"), task("b", due=date(2026, 10, 1), status=Status.DONE, links=blocks("a")))
     assert run(store, "dependency_at_risk") == {}
