@@ -10,6 +10,7 @@ database session: the engine commits each page together with its cursor.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Generic, TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -93,6 +95,23 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+_LINKABLE = re.compile(r"https?://[^\s/]", re.IGNORECASE)
+_ENDS_A_LINK = re.compile(r"[\s|<>()\"'`\x00-\x1f\x7f]")
+
+
+def safe_url(url: str | None) -> str | None:
+    """A task's URL fit to link anywhere, or None for no link.
+
+    Only http(s) links (a CSV cell may say `javascript:`), with the characters that would end or
+    break a link in Slack mrkdwn (`<url|text>`), Markdown (`(url)`) or an HTML attribute
+    percent-encoded; HTML still escapes it as an attribute.
+    """
+    url = (url or "").strip()
+    if not _LINKABLE.match(url):
+        return None
+    return _ENDS_A_LINK.sub(lambda m: quote(m.group(), safe=""), url)
 
 
 class _WaitRetryAfter:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from connectors.base import Connector, ConnectorConfig, parse_retry_after
+from connectors.base import Connector, ConnectorConfig, parse_retry_after, safe_url
 from connectors.errors import (
     AuthError,
     ConnectorError,
@@ -1314,10 +1314,8 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
 
 def _link(url: str | None) -> str | None:
     """A mrkdwn link to the task; characters that would end the link are percent-encoded."""
-    if not url or not re.match(r"https?://", url):
-        return None
-    safe = url.replace("|", "%7C").replace(">", "%3E").replace("<", "%3C").replace(" ", "%20")
-    return f"<{safe}|Open the task>"
+    safe = safe_url(url)
+    return f"<{safe}|Open the task>" if safe else None
 
 
 __all__ = [

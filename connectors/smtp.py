@@ -49,6 +49,9 @@ class SmtpConfig(BaseModel):
     username: str | None = Field(None, description="Login name; no login when absent.")
     password: SecretStr | None = Field(None, description='Login password; use "${SMTP_PASSWORD}".')
     timeout: Duration = Field(timedelta(seconds=30), description="Connect and read timeout per message.")
+    sender: str | None = Field(
+        None, description="From address of mail sent without an imap connector (email digests); default: username."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SmtpConfig:
@@ -64,6 +67,11 @@ class SmtpConfig(BaseModel):
         if not value or any(c.isspace() or c in "/:@" for c in value):
             raise ValueError(f'expected a host name such as "smtp.example.com", got {value!r}')
         return value
+
+    @property
+    def from_address(self) -> str | None:
+        """Who mail sent straight through `[smtp]` is from: `sender`, else a login that is an address."""
+        return self.sender or (self.username if self.username and "@" in self.username else None)
 
     @property
     def effective_port(self) -> int:

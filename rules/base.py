@@ -62,6 +62,7 @@ class RuleContext:
     session: Session
     now: datetime
     results: dict[str, dict[int, Verdict]] = field(default_factory=dict)
+    configs: dict[str, RuleConfig] = field(default_factory=dict)  # every rule's settings, enabled or not
 
     @property
     def today(self) -> date:

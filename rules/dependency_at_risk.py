@@ -1,8 +1,10 @@
 """`dependency_at_risk`: an open task blocked by open work that is late, stale, or due after it.
 
 Risk propagates along chains of `blocks` links: a late blocker three levels down flags the
-task at the top. Chains are walked over the strongly connected components of the blocking
-graph (Tarjan), so a cycle terminates and is reported as a cycle.
+task at the top. A blocker is stale by `stale_status`'s thresholds even where that rule is
+switched off or scoped away from it: nagging is optional, the risk is not. Chains are walked
+over the strongly connected components of the blocking graph (Tarjan), so a cycle terminates
+and is reported as a cycle.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import aliased
 
 from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict
+from rules.stale_status import StaleStatus, StaleStatusConfig
 from store.canonical import LinkKind
 from store.models import Task, TaskLink
 from store.sql import one_of
@@ -40,7 +43,7 @@ class DependencyAtRisk(Rule[RuleConfig]):
 
     def evaluate(self, ctx: RuleContext) -> list[Verdict]:
         nodes, blockers = self._graph(ctx)
-        stale = ctx.results.get("stale_status", {})
+        stale = self._stale_blockers(ctx, set().union(*blockers.values()))
         risks: dict[int, Risk] = {}
         for component in _components(nodes, blockers):  # blockers come before what they block
             if len(component) > 1 or component[0] in blockers[component[0]]:
@@ -74,6 +77,17 @@ class DependencyAtRisk(Rule[RuleConfig]):
                            f"{risk.chain[-1]} {risk.cause} ({path})")
             verdicts.append(Verdict(task, message, {"chain": list(risk.chain), "cause": risk.cause}))
         return verdicts
+
+    @staticmethod
+    def _stale_blockers(ctx: RuleContext, ids: set[int]) -> dict[int, Verdict]:
+        """Which blockers are stale by stale_status's thresholds, ignoring its switch and scope."""
+        if not ids:
+            return {}
+        settings = ctx.configs.get("stale_status")
+        base = settings if isinstance(settings, StaleStatusConfig) else StaleStatusConfig()
+        unscoped = base.model_copy(update={"enabled": True, "sources": [], "labels": [], "owners": [],
+                                           "exclude_labels": []})
+        return {v.task_id: v for v in StaleStatus(unscoped).stale(ctx, among=ids)}
 
     def _in_scope(self, ctx: RuleContext, ids: list[int]) -> set[int]:
         """Which of the tasks at risk the rule's scope admits (risk itself crosses scopes)."""

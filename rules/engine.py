@@ -60,7 +60,7 @@ class RulesEngine:
     def run(self, session: Session) -> list[RuleOutcome]:
         """Evaluate every rule inside the caller's transaction."""
         now = self.clock()
-        ctx = RuleContext(session=session, now=now)
+        ctx = RuleContext(session=session, now=now, configs={rule.id: rule.config for rule in self.rules})
         lead_id = session.scalar(select(Person.id).where(Person.lead.is_(True)).order_by(Person.key).limit(1))
         # Who may act on each task, read once per run: one scan is cheaper than per-rule lookups.
         people = {tid: (owner, reporter) for tid, owner, reporter in

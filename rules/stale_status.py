@@ -6,6 +6,7 @@ a task linked to it: an issue whose pull request moves is being worked on.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from pydantic import Field, field_validator
@@ -16,7 +17,7 @@ from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict, business_el
 from store.canonical import LinkKind
 from store.durations import Duration, format_duration
 from store.models import Task, TaskLink, UTCDateTime
-from store.sql import latest
+from store.sql import latest, one_of
 
 DEFAULT_AFTER = {"in_progress": timedelta(days=3), "todo": timedelta(days=14), "blocked": timedelta(days=2)}
 
@@ -43,6 +44,11 @@ class StaleStatus(Rule[StaleStatusConfig]):
     config_model = StaleStatusConfig
 
     def evaluate(self, ctx: RuleContext) -> list[Verdict]:
+        return self.stale(ctx)
+
+    def stale(self, ctx: RuleContext, among: Collection[int] | None = None) -> list[Verdict]:
+        """The stale tasks in scope, optionally only `among` these ids (dependency_at_risk asks
+        about blockers, whatever this rule's own switch and scope)."""
         # Business time is never more than calendar time, so the calendar cutoff is a safe SQL
         # prefilter; the exact business-day check runs on the few candidates left.
         candidates: dict[int, tuple[str, datetime]] = {}
@@ -57,6 +63,8 @@ class StaleStatus(Rule[StaleStatusConfig]):
                 or_(Task.last_activity_at.is_not(None), Task.status_changed_at.is_not(None),
                     Task.first_seen_at < cutoff),
             )
+            if among is not None:
+                stmt = stmt.where(one_of(ctx.session, Task.id, list(among)))
             for tid, since in ctx.session.execute(ctx.scoped(stmt, self.config)):
                 candidates[tid] = (status, since)
         linked = self._linked_activity(ctx, set(candidates))

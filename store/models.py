@@ -256,12 +256,13 @@ class OutboxAction(Base):
     payload: Mapped[json_obj]
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
     finding_id: Mapped[int | None] = mapped_column(ForeignKey("findings.id", ondelete="SET NULL"))
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | sent | failed
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | sent | failed | cancelled
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     remote_id: Mapped[str | None] = mapped_column(String(400))
     created_at: Mapped[ts]
     next_attempt_at: Mapped[ts]
+    first_attempt_at: Mapped[ts_null]  # a post can land before `sent_at` records it (own posts are no activity)
     sent_at: Mapped[ts_null]
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     claim_expires: Mapped[ts_null]

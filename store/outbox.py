@@ -56,8 +56,14 @@ def enqueue(session: Session, actions: Sequence[NewAction], now: datetime) -> li
     return rows
 
 
-def claim_due(session: Session, worker: str, now: datetime, limit: int, lease: timedelta) -> list[OutboxAction]:
-    """Claim up to `limit` pending actions that are due and not held by a live claim."""
+DIGEST_PREFIX = "digest:"  # digests' keys; they keep their own schedule, quiet hours or not
+
+
+def claim_due(
+    session: Session, worker: str, now: datetime, limit: int, lease: timedelta, *, digests_only: bool = False
+) -> list[OutboxAction]:
+    """Claim up to `limit` pending actions that are due and not held by a live claim
+    (only digests while follow-ups are paused by quiet hours or a day off)."""
     stmt = (
         select(OutboxAction)
         .where(
@@ -68,11 +74,15 @@ def claim_due(session: Session, worker: str, now: datetime, limit: int, lease: t
         .order_by(OutboxAction.next_attempt_at, OutboxAction.id)
         .limit(limit)
     )
+    if digests_only:
+        stmt = stmt.where(OutboxAction.key.startswith(DIGEST_PREFIX))
     if dialect_of(session) == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     rows = list(session.scalars(stmt))
     for row in rows:
         row.claimed_by, row.claim_expires = worker, now + lease
+        if row.first_attempt_at is None:  # a post may land from here on, long before `sent_at` records it
+            row.first_attempt_at = now
     session.flush()
     return rows
 
@@ -97,6 +107,16 @@ def mark_sent(session: Session, action_id: int, worker: str, remote_id: str, now
         .where(_owned(action_id, worker))
         .values(status="sent", remote_id=remote_id, sent_at=now, last_error=None, claimed_by=None,
                 claim_expires=None, attempts=OutboxAction.attempts + 1)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_cancelled(session: Session, action_id: int, worker: str, reason: str) -> bool:
+    """Drop a claimed action that no longer needs saying (its finding resolved before delivery)."""
+    result = session.execute(
+        update(OutboxAction)
+        .where(_owned(action_id, worker))
+        .values(status="cancelled", last_error=reason, claimed_by=None, claim_expires=None)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 

@@ -53,7 +53,8 @@ def content_hash(record: TaskRecord) -> str:
     return hashlib.blake2b(payload, digest_size=32).hexdigest()
 
 
-# A source update within this window after trackloop's own post is explained by that post.
+# A source update from the first attempt of trackloop's own post (less the slack) until this
+# window after its delivery was recorded is explained by that post.
 OWN_POST_WINDOW = timedelta(minutes=2)
 OWN_POST_SLACK = timedelta(seconds=5)  # clocks of the source and of trackloop differ a little
 OWN_POST_MEMORY = timedelta(days=7)
@@ -212,22 +213,25 @@ class TaskWriter:
                 found[tid] = Tracked(*rest)
         return found
 
-    def _own_posts(self, session: Session, ids: list[int]) -> dict[int, list[datetime]]:
-        """When trackloop itself posted on these tasks lately (its posts are not human activity)."""
-        found: dict[int, list[datetime]] = {}
+    def _own_posts(self, session: Session, ids: list[int]) -> dict[int, list[tuple[datetime, datetime]]]:
+        """When trackloop itself posted on these tasks lately (its posts are not human activity):
+        from the first delivery attempt (a retry may find a post made long before) to the record."""
+        found: dict[int, list[tuple[datetime, datetime]]] = {}
         since = self.now - OWN_POST_MEMORY
         for i in range(0, len(ids), _CHUNK):
-            stmt = select(OutboxAction.task_id, OutboxAction.sent_at).where(
+            stmt = select(OutboxAction.task_id, OutboxAction.first_attempt_at, OutboxAction.sent_at).where(
                 one_of(session, OutboxAction.task_id, ids[i : i + _CHUNK]),
                 OutboxAction.status == "sent",
                 OutboxAction.sent_at >= since,
             )
-            for tid, sent_at in session.execute(stmt):
-                found.setdefault(tid, []).append(sent_at)
+            for tid, first_attempt_at, sent_at in session.execute(stmt):
+                found.setdefault(tid, []).append((first_attempt_at or sent_at, sent_at))
         return found
 
     @staticmethod
-    def _carry_over(before: Tracked, values: dict[str, Any], own_posts: Iterable[datetime]) -> None:
+    def _carry_over(
+        before: Tracked, values: dict[str, Any], own_posts: Iterable[tuple[datetime, datetime]]
+    ) -> None:
         """Keep what a re-sync must not reset.
 
         The current status began when it began: a record that does not report the time keeps
@@ -242,7 +246,7 @@ class TaskWriter:
         new, old = values["last_activity_at"], before.last_activity_at
         if new is None or (old is not None and new <= old):
             values["last_activity_at"] = old
-        elif any(post - OWN_POST_SLACK <= new <= post + OWN_POST_WINDOW for post in own_posts):
+        elif any(start - OWN_POST_SLACK <= new <= sent + OWN_POST_WINDOW for start, sent in own_posts):
             values["last_activity_at"] = old
 
     def _event(

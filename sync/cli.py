@@ -20,7 +20,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from connectors.registry import connector_plugins, connector_types
-from rules.engine import RuleOutcome, RulesEngine, build_rules
+from rules.engine import RuleOutcome, build_rules
 from rules.registry import rule_plugins, rule_types
 from store import db as store_db
 from store.canonical import Status
@@ -359,7 +359,10 @@ def outbox_retry(
             count = retry_failed(session, datetime.now(UTC), keys or [])
         delivered = Pipeline(store, config, connector_types()).deliver_outbox(limit=max(count, 1))
     err.print(f"outbox: {count} requeued; delivered {delivered.sent}, found already delivered "
-              f"{delivered.already_delivered}, retrying {delivered.retrying}, failed {delivered.failed}", markup=False)
+              f"{delivered.already_delivered}, retrying {delivered.retrying}, failed {delivered.failed}, "
+              f"cancelled {delivered.cancelled}", markup=False)
+    if delivered.paused:
+        err.print(f"outbox: follow-ups wait: {delivered.paused}", markup=False)
 
 
 @app.command()
@@ -384,8 +387,11 @@ def digest(
         err.print(f"wrote {out_file}", markup=False)
     elif not send:
         print(render_text(run.content), end="")
-    if send:
-        err.print(f"digest {name}: {len(run.actions)} deliveries queued for slot {run.slot.isoformat()}", markup=False)
+    if send and run.queued:
+        err.print(f"digest {name}: {run.queued} deliveries queued for slot {run.slot.isoformat()}", markup=False)
+    elif send and run.actions:
+        err.print(f"digest {name}: already queued for slot {run.slot.isoformat()}; nothing new to send "
+                  "(see `trackloop outbox --all`)", markup=False)
     for missed in run.missed:
         err.print(f"digest {name}: cannot reach {missed}", markup=False)
 
@@ -432,10 +438,6 @@ def _print_results(results: list[SyncResult], *, dry_run: bool) -> None:
             err.print(f"error: {r.connector}: {REDACT(r.error or '')}", markup=False)
 
 
-def rules_engine(config: AppConfig) -> RulesEngine:
-    return RulesEngine(build_rules(rule_types(), config.rules))
-
-
 def _rules_summary(outcomes: list[RuleOutcome]) -> str:
     opened = sum(o.stats.opened for o in outcomes)
     resolved = sum(o.stats.resolved for o in outcomes)
@@ -448,8 +450,8 @@ def _rules_summary(outcomes: list[RuleOutcome]) -> str:
 def rules_run() -> None:
     """Evaluate every enabled rule against the store (without pulling)."""
     config = load()
-    with opened(config) as store, store.transaction() as session:
-        outcomes = rules_engine(config).run(session)
+    with opened(config) as store:
+        outcomes = Pipeline(store, config, connector_types()).run_rules()
     print_table("rules", ["rule", "enabled", "flagged", "new", "resolved", "time"],
                 [[o.rule, "yes" if o.enabled else "no", str(o.flagged), str(o.stats.opened),
                   str(o.stats.resolved), f"{o.seconds:.2f}s"] for o in outcomes])
@@ -528,7 +530,7 @@ def verify(task: Annotated[str, typer.Argument(help="SOURCE:EXTERNAL_ID or the t
         found = _task_or_fail(session, task)
         session.add(TaskEvent(task_id=found.id, at=datetime.now(UTC), field="verified", old=None,
                               new=os.environ.get("USER") or "cli", origin="user"))
-        rules_engine(config).run(session)
+        Pipeline(store, config, connector_types()).rules_in(session)
     err.print(f"recorded verification of {task}", markup=False)
 
 

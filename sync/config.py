@@ -466,6 +466,11 @@ def _cross_references(
             if not channel and recipient not in top.people:
                 problems.append(ConfigProblem(file, f"digests.{name}.to[{i}]",
                                               f"expected a person key or a Slack channel, got {recipient!r}"))
+        people = [r for r in digest.to if r in top.people]
+        if "email" in digest.via and people and not any(c.type == "imap" for c in connectors.values()):
+            if top.smtp is None or top.smtp.from_address is None:
+                why = "[smtp] sets no sender" if top.smtp else "there is neither an imap connector nor [smtp]"
+                problems.append(ConfigProblem(file, f"digests.{name}.via", f"cannot email {people[0]!r}: {why}"))
     return problems
 
 

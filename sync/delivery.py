@@ -4,6 +4,8 @@ The outbox is the only retry layer for writes: a failed attempt is rescheduled w
 after `max_attempts`, parked as failed (shown by `trackloop outbox`, retried by `outbox retry`).
 A crash between a connector's post and the record of it is harmless: the claim expires, the
 action is delivered again, and the connector finds its own marker instead of posting twice.
+Follow-ups wait out `[notify]` quiet hours and days off (retries too; digests keep their own
+schedule), and one whose finding resolved before delivery is cancelled instead of sent.
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
 
 from connectors.base import Connector
-from connectors.errors import PushError
-from store.canonical import Action
+from connectors.errors import AuthError, ConnectorError, PushError, TransientError
+from connectors.smtp import SmtpConfig, SmtpSender, address_domain, message_id_for
+from store.canonical import Action, PushResult
 from store.db import Store
 from store.errors import TrackloopError
-from store.models import OutboxAction, Task
-from store.outbox import claim_due, mark_failed, mark_sent
+from store.models import Finding, OutboxAction, Task
+from store.outbox import claim_due, mark_cancelled, mark_failed, mark_sent
 from sync.config import AppConfig
+from sync.digests import SMTP_VIA
 from sync.engine import build_connector
 
 log = logging.getLogger("trackloop.outbox")
@@ -34,6 +40,8 @@ class DeliveryReport:
     already_delivered: int = 0
     retrying: int = 0
     failed: int = 0
+    cancelled: int = 0
+    paused: str | None = None  # why follow-ups wait (quiet hours, a day off)
 
 
 def to_action(row: OutboxAction, task: Task | None) -> Action:
@@ -48,6 +56,45 @@ def to_action(row: OutboxAction, task: Task | None) -> Action:
         subject=row.subject,
         payload=dict(row.payload or {}),
     )
+
+
+class SmtpMail:
+    """Email digests sent straight through `[smtp]`, for installs with no imap connector.
+
+    The Message-ID is derived from the key, but with no Sent folder to look in, a crash between
+    the send and its record sends that digest again (an imap connector would find it first).
+    """
+
+    def __init__(self, config: SmtpConfig, clock: Callable[[], datetime]) -> None:
+        self.config = config
+        self.clock = clock
+
+    def push(self, action: Action) -> PushResult:
+        sender = self.config.from_address
+        if not sender:
+            raise PushError("[smtp] has no sender (and username is no address): set [smtp] sender", permanent=True)
+        message_id = message_id_for(action.key, address_domain(sender))
+        message = EmailMessage()
+        try:
+            message["From"], message["To"] = sender, (action.target or "").strip()
+            message["Subject"] = action.subject or "trackloop"
+        except ValueError as exc:  # an address or subject EmailMessage refuses (e.g. a line break)
+            raise PushError(f"[smtp]: cannot compose the message: {exc}", permanent=True) from None
+        message["Date"], message["Message-ID"] = format_datetime(self.clock()), message_id
+        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no out-of-office answers to us
+        message.set_content(action.text)
+        if action.payload.get("html"):
+            message.add_alternative(str(action.payload["html"]), subtype="html")
+        try:
+            SmtpSender(self.config, logger=log).send(message)
+        except (TransientError, AuthError) as exc:
+            raise PushError(f"[smtp]: {exc}", permanent=False) from exc
+        except ConnectorError as exc:
+            raise PushError(f"[smtp]: {exc}", permanent=True) from exc
+        return PushResult(message_id)
+
+    def close(self) -> None:
+        """Nothing held open: SmtpSender connects once per message."""
 
 
 class Deliverer:
@@ -67,9 +114,11 @@ class Deliverer:
         self.worker = worker
         self.clock = clock or (lambda: datetime.now(UTC))
         self.max_attempts = max_attempts
-        self._connectors: dict[str, Connector] = {}  # type: ignore[type-arg]
+        self._connectors: dict[str, Connector | SmtpMail] = {}  # type: ignore[type-arg]
 
-    def connector(self, name: str) -> Connector:  # type: ignore[type-arg]
+    def connector(self, name: str) -> Connector | SmtpMail:  # type: ignore[type-arg]
+        if name == SMTP_VIA and self.config.smtp is not None:
+            self._connectors.setdefault(name, SmtpMail(self.config.smtp, self.clock))
         if name not in self._connectors:
             if name not in self.config.connectors:
                 raise PushError(f"connector {name!r} is no longer configured", permanent=True)
@@ -84,9 +133,19 @@ class Deliverer:
     def deliver_due(self, limit: int = 50) -> DeliveryReport:
         """Claim and deliver up to `limit` due actions."""
         report = DeliveryReport()
+        now = self.clock()
+        paused = report.paused = self.config.notify.in_quiet_time(now) if self.config.notify else None
+        claimed = []
         with self.store.transaction() as session:
-            claimed = [(row.id, to_action(row, session.get(Task, row.task_id) if row.task_id else None), row.connector)
-                       for row in claim_due(session, self.worker, self.clock(), limit, CLAIM_LEASE)]
+            for row in claim_due(session, self.worker, now, limit, CLAIM_LEASE, digests_only=paused is not None):
+                finding = session.get(Finding, row.finding_id) if row.finding_id else None
+                if finding is not None and finding.status == "resolved":
+                    mark_cancelled(session, row.id, self.worker, "finding resolved before delivery")
+                    report.cancelled += 1
+                    log.info("outbox %s: cancelled, its finding resolved before delivery", row.key)
+                    continue
+                task = session.get(Task, row.task_id) if row.task_id else None
+                claimed.append((row.id, to_action(row, task), row.connector))
         for action_id, action, connector_name in claimed:
             self._deliver_one(action_id, action, connector_name, report)
         return report

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from connectors.base import safe_url
 from connectors.slack import escape_mrkdwn
 from store.canonical import OPEN_STATUSES, Status
 from store.models import Finding, OutboxAction, Person, Task, TaskEvent
@@ -30,6 +31,7 @@ from sync.messages import short
 from sync.zones import TimeZoneName
 
 Via = Literal["slack", "email"]
+SMTP_VIA = "[smtp]"  # the outbox "connector" of email digests sent straight through [smtp] (no imap connector)
 
 
 class DigestConfig(BaseModel):
@@ -43,7 +45,8 @@ class DigestConfig(BaseModel):
     via: list[Via] = Field(default_factory=lambda: ["slack"], description="slack and/or email.")
     slack_connector: str | None = Field(None, description="Slack connector to post with (default: the only one).")
     email_connector: str | None = Field(
-        None, description="imap connector whose SMTP settings send email digests (default: the only one)."
+        None, description="imap connector whose SMTP settings send email digests (default: the only one, "
+        "else the top-level [smtp])."
     )
     sources: list[str] = Field(default_factory=list, description="Only tasks of these connectors (empty: all).")
     labels: list[str] = Field(default_factory=list, description="Only tasks with one of these labels (empty: all).")
@@ -70,7 +73,7 @@ class DigestConfig(BaseModel):
 class Item:
     ref: str
     title: str
-    url: str | None
+    url: str | None  # as the source gave it: renderers link only `safe_url(url)`
     note: str
 
 
@@ -79,6 +82,11 @@ class Section:
     title: str
     by_owner: dict[str, list[Item]] = field(default_factory=lambda: defaultdict(list))
     total: int = 0
+
+    @property
+    def more(self) -> int:
+        """Items counted but not listed (beyond `max_items`): every renderer says how many."""
+        return self.total - sum(len(items) for items in self.by_owner.values())
 
 
 @dataclass(slots=True)
@@ -224,9 +232,10 @@ def render_text(d: DigestContent) -> str:
         lines += ["", f"{section.title} ({section.total})"]
         for owner, items in section.by_owner.items():
             lines.append(f"  {owner}")
-            lines += [f"    - {i.ref} {i.title}: {i.note}" + (f" <{i.url}>" if i.url else "") for i in items]
-        if section.total > sum(len(v) for v in section.by_owner.values()):
-            lines.append(f"  … and {section.total - sum(len(v) for v in section.by_owner.values())} more")
+            lines += [f"    - {i.ref} {i.title}: {i.note}" + (f" <{url}>" if (url := safe_url(i.url)) else "")
+                      for i in items]
+        if section.more:
+            lines.append(f"  … and {section.more} more")
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         lines += ["", f"Since {_since(d)}"]
@@ -257,8 +266,10 @@ def render_markdown(d: DigestContent) -> str:
         for owner, items in section.by_owner.items():
             lines += ["", f"**{_md(owner)}**", ""]
             for i in items:
-                ref = f"[{_md(i.ref)}]({i.url})" if i.url else _md(i.ref)
+                ref = f"[{_md(i.ref)}]({url})" if (url := safe_url(i.url)) else _md(i.ref)
                 lines.append(f"- {ref} {_md(i.title)}: {_md(i.note)}")
+        if section.more:
+            lines += ["", f"… and {section.more} more"]
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         lines += ["", f"## Since {_since(d)}"]
@@ -281,9 +292,11 @@ def render_html(d: DigestContent) -> str:
             for owner, items in section.by_owner.items():
                 parts.append(f"<h3>{e(owner)}</h3><ul>")
                 for i in items:
-                    ref = f'<a href="{e(i.url)}">{e(i.ref)}</a>' if i.url else e(i.ref)
+                    ref = f'<a href="{e(url)}">{e(i.ref)}</a>' if (url := safe_url(i.url)) else e(i.ref)
                     parts.append(f"<li>{ref} {e(i.title)}: {e(i.note)}</li>")
                 parts.append("</ul>")
+            if section.more:
+                parts.append(f"<p>… and {section.more} more</p>")
         changes = [(label, items) for label, items in d.changes if items]
         if changes:
             parts.append(f"<h2>Since {e(_since(d))}</h2>")
@@ -313,9 +326,11 @@ def render_blocks(d: DigestContent) -> list[dict[str, object]]:
         for owner, items in sec.by_owner.items():
             lines = [f"*{escape_mrkdwn(owner)}*"]
             for i in items:
-                ref = f"<{i.url}|{escape_mrkdwn(i.ref)}>" if i.url else escape_mrkdwn(i.ref)
+                ref = f"<{url}|{escape_mrkdwn(i.ref)}>" if (url := safe_url(i.url)) else escape_mrkdwn(i.ref)
                 lines.append(f"• {ref} {escape_mrkdwn(i.title)}: {escape_mrkdwn(i.note)}")
             blocks.append(section("\n".join(lines)))
+        if sec.more:
+            blocks.append(section(f"… and {sec.more} more"))
     changes = [(label, items) for label, items in d.changes if items]
     if changes:
         blocks += [{"type": "divider"}, {"type": "header", "text": {
@@ -342,6 +357,8 @@ def recipients(
     content: DigestContent,
     connectors: dict[str, str],  # connector name -> type
     identities: dict[tuple[str, str], str],  # (person key, kind) -> value
+    *,
+    smtp: bool = False,  # a top-level [smtp] can send email when no imap connector does
 ) -> tuple[list[NewAction], list[str]]:
     """The outbox actions that deliver `content`, and the recipients that could not be reached."""
     actions: list[NewAction] = []
@@ -352,7 +369,7 @@ def recipients(
         if connector is None:
             wanted = "slack" if via == "slack" else "imap"
             found = [n for n, kind in connectors.items() if kind == wanted]
-            connector = found[0] if len(found) == 1 else None
+            connector = found[0] if len(found) == 1 else SMTP_VIA if via == "email" and smtp and not found else None
         for recipient in config.to:
             is_channel = recipient.startswith("#") or recipient[:1] in ("C", "G") and recipient.isupper()
             if via == "slack":

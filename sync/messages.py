@@ -8,6 +8,9 @@ mention, a broadcast or markup. Titles are cut short, so a 10 kB title stays a t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+from connectors.base import safe_url
 
 TITLE_LIMIT = 120
 _SPACE = re.compile(r"\s+")
@@ -23,10 +26,7 @@ ASKS: dict[str, str] = {
         "Could you add acceptance criteria or a little more description, so whoever picks it up knows "
         "when it is done?"
     ),
-    "done_unverified": (
-        "Could someone other than the assignee confirm the outcome (add the `verified` label, or run "
-        "`trackloop verify` on it)?"
-    ),
+    "done_unverified": "Could someone other than the assignee confirm the outcome?",
     "at_risk": "Judging by similar work it may miss its due date; is the date still realistic?",
 }
 DEFAULT_ASK = "Could you take a look?"
@@ -38,22 +38,43 @@ def short(text: str, limit: int = TITLE_LIMIT) -> str:
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
-def follow_up(rule: str, finding: str, *, reminder: int) -> str:
-    """A comment on the task itself: what was noticed (with its numbers) and a polite ask."""
+def how_to_verify(ref: str, *, labels: Sequence[str] = (), statuses: Sequence[str] = (),
+                  reaction: bool = False) -> str:
+    """The verification signals the task's source really has, and the CLI, which always works."""
+    ways = []
+    if labels:
+        ways.append("add the " + " or ".join(f"`{label}`" for label in labels) + " label")
+    if statuses:
+        ways.append("move it to " + " or ".join(f"“{status}”" for status in statuses))
+    if reaction:
+        ways.append("react with ✅ (someone other than the owner)")
+    ways.append(f"run `trackloop verify {ref}`")
+    text = ", ".join(ways[:-1]) + (", or " if len(ways) > 2 else " or " if ways[:-1] else "") + ways[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def _ask(rule: str, how: str | None) -> str:
+    return f"{ASKS.get(rule, DEFAULT_ASK)} {how}" if how else ASKS.get(rule, DEFAULT_ASK)
+
+
+def follow_up(rule: str, finding: str, *, reminder: int, how: str | None = None) -> str:
+    """A comment on the task itself: what was noticed (with its numbers) and a polite ask
+    (`how`: how to verify, for done_unverified)."""
     again = " (reminder)" if reminder else ""
-    return f"trackloop follow-up{again}: {finding}.\n{ASKS.get(rule, DEFAULT_ASK)} Thank you!"
+    return f"trackloop follow-up{again}: {finding}.\n{_ask(rule, how)} Thank you!"
 
 
-def direct(rule: str, finding: str, *, ref: str, title: str, url: str | None, reminder: int) -> str:
+def direct(rule: str, finding: str, *, ref: str, title: str, url: str | None, reminder: int,
+           how: str | None = None) -> str:
     """A direct message to a person about one task."""
     again = "Reminder: " if reminder else ""
-    link = f"\n{url}" if url else ""
-    return f"{again}{ref} “{short(title)}”: {finding}.\n{ASKS.get(rule, DEFAULT_ASK)}{link}"
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
+    return f"{again}{ref} “{short(title)}”: {finding}.\n{_ask(rule, how)}{link}"
 
 
 def triage(finding: str, *, ref: str, title: str, url: str | None) -> str:
     """A note to the triage channel about work nobody owns."""
-    link = f"\n{url}" if url else ""
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
     return f"Needs an owner: {ref} “{short(title)}”: {finding}.{link}"
 
 
@@ -61,15 +82,14 @@ def escalation(rule: str, finding: str, *, ref: str, title: str, url: str | None
                owner: str | None) -> str:
     """A note to the lead about a finding nobody acted on."""
     who = f"owner: {owner}" if owner else "no owner"
-    link = f"\n{url}" if url else ""
+    link = f"\n{safe}" if (safe := safe_url(url)) else ""
     return (f"Still open after {open_for} ({who}): {ref} “{short(title)}”: {finding}.\n"
             f"It may need your help to move.{link}")
 
 
-def verification(*, criteria: str | None, reporter: str | None) -> str:
-    """The ask for confirmation when a task moves to done."""
+def verification(*, criteria: str | None, reporter: str | None, how: str) -> str:
+    """The ask for confirmation when a task moves to done (`how`: from `how_to_verify`)."""
     hello = f"{reporter}, this" if reporter else "This"
     ask = (f"{hello} was marked done. Could you confirm it does what was needed"
-           f"{' (acceptance criteria below)' if criteria else ''}? Add the `verified` label, reply "
-           "here, or run `trackloop verify` on it.")
+           f"{' (acceptance criteria below)' if criteria else ''}? {how}")
     return f"{ask}\n\nAcceptance criteria:\n{criteria.strip()}" if criteria else ask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Literal
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from connectors.base import Connector
+from connectors.base import Connector, ConnectorConfig
 from store.canonical import Status
 from store.durations import Duration, format_duration
 from store.models import Finding, Identity, Person, Task, TaskEvent
@@ -96,6 +96,27 @@ class NotifyConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class VerifySignals:
+    """What counts as verification in one source, so an ask names only what the source has."""
+
+    labels: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    reaction: bool = False
+
+
+def verify_signals(connectors: Mapping[str, ConnectorConfig], rule_labels: Sequence[str]) -> dict[str, VerifySignals]:
+    """Per source: labels (its own verified labels and done_unverified's, where tasks have labels),
+    Jira's verified statuses, a Slack ✅ reaction."""
+    out = {}
+    for name, cfg in connectors.items():
+        own = list(getattr(cfg, "verified_labels", []))
+        has_labels = cfg.type in ("github", "jira") or bool(getattr(getattr(cfg, "columns", None), "labels", None))
+        labels = tuple(dict.fromkeys([*own, *rule_labels])) if has_labels else ()
+        out[name] = VerifySignals(labels, tuple(getattr(cfg, "verified_statuses", ())), cfg.type == "slack")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class Planned:
     action: NewAction
     due_since: datetime  # when it became due: fairness across runs (oldest first)
@@ -131,9 +152,11 @@ class Planner:
         self,
         policy: NotifyConfig,
         connectors: Mapping[str, tuple[str, type[Connector]]],  # name -> (type, class)  # type: ignore[type-arg]
+        signals: Mapping[str, VerifySignals] | None = None,
     ) -> None:
         self.policy = policy
         self.connectors = connectors
+        self.signals = signals or {}
         slack = [name for name, (kind, _cls) in connectors.items() if kind == "slack"]
         self.dm_connector = policy.dm_connector or (slack[0] if len(slack) == 1 else None)
 
@@ -221,10 +244,11 @@ class Planner:
         """(connector, kind, target, text(n)) for each way this finding should be followed up."""
         t, p = item.task, self.policy
         ref = f"{t.source}:{t.external_id}"
+        how = self._how_to_verify(t) if item.rule == "done_unverified" else None
         if item.rule in p.comment_on_source:
             if self._can_push(t.source):
                 yield (t.source, self._source_kind(t.source), "task",
-                       lambda n: messages.follow_up(item.rule, item.message, reminder=n))
+                       lambda n: messages.follow_up(item.rule, item.message, reminder=n, how=how))
             else:
                 plan.skipped[f"{t.source} cannot post comments"] += 1
         if item.rule in p.dm_owner:
@@ -235,7 +259,7 @@ class Planner:
             else:
                 yield (self.dm_connector, "dm", item.owner,
                        lambda n: messages.direct(item.rule, item.message, ref=ref, title=t.title, url=t.url,
-                                                 reminder=n))
+                                                 reminder=n, how=how))
         if item.rule == "missing_owner" and p.triage_channel is not None:
             yield (p.triage_channel.connector, "channel", p.triage_channel.channel,
                    lambda n: messages.triage(item.message, ref=ref, title=t.title, url=t.url))
@@ -247,10 +271,16 @@ class Planner:
                                                          open_for=format_duration(p.escalate_after or timedelta()),
                                                          owner=item.owner))
 
+    def _how_to_verify(self, task: Task) -> str:
+        s = self.signals.get(task.source, VerifySignals())
+        return messages.how_to_verify(f"{task.source}:{task.external_id}", labels=s.labels, statuses=s.statuses,
+                                      reaction=s.reaction)
+
     def _verify_route(
         self, task: Task, reporter: str | None, slack_ids: dict[str, str], plan: Plan
     ) -> tuple[str, str, str, str] | None:
-        text = messages.verification(criteria=task.acceptance_criteria, reporter=reporter)
+        text = messages.verification(criteria=task.acceptance_criteria, reporter=reporter,
+                                     how=self._how_to_verify(task))
         verifier = self.policy.verifier
         if verifier:
             if self.dm_connector and verifier in slack_ids:
@@ -271,6 +301,8 @@ class Planner:
         if base not in latest:
             return 0, first_seen
         number, last = latest[base]
+        if last.status == "cancelled":
+            return number + 1, first_seen  # its finding resolved before it was said: this is a new one
         if once or last.status != "sent" or last.sent_at is None:
             return None, first_seen  # pending or failed actions handle themselves
         due = last.sent_at + self.policy.remind_every
@@ -298,7 +330,7 @@ class Planner:
     def _apply_caps(self, candidates: list[Planned], past: list[PastAction], now: datetime, plan: Plan) -> None:
         today = self.policy.day_start(now)
         per_day: Counter[tuple[int | None, str, str | None]] = Counter(
-            (a.task_id, a.connector, a.target) for a in past if a.created_at >= today
+            (a.task_id, a.connector, a.target) for a in past if a.created_at >= today and a.status != "cancelled"
         )
         candidates.sort(key=lambda c: (c.due_since, c.action.key))
         for candidate in candidates:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -28,7 +28,7 @@ from sync import digests
 from sync.config import AppConfig
 from sync.delivery import Deliverer, DeliveryReport
 from sync.engine import SyncEngine, SyncResult
-from sync.notify import Plan, Planner
+from sync.notify import Plan, Planner, verify_signals
 
 log = logging.getLogger("trackloop.pipeline")
 
@@ -57,6 +57,7 @@ class DigestRun:
     actions: list[NewAction]
     missed: list[str]
     content: digests.DigestContent
+    queued: int = 0  # deliveries new to the outbox (0: this slot was queued before)
 
 
 class _Rollback(Exception):
@@ -82,7 +83,9 @@ class Pipeline:
         self.rules = RulesEngine(build_rules(rule_types(), config.rules), clock=self.clock)
         self.worker = worker or default_worker_id()
         connectors = {name: (cfg.type, connector_types[cfg.type]) for name, cfg in config.connectors.items()}
-        self.planner = Planner(config.notify, connectors) if config.notify is not None else None
+        labels = getattr(config.rules.get("done_unverified"), "verified_labels", ["verified"])
+        signals = verify_signals(config.connectors, labels)
+        self.planner = Planner(config.notify, connectors, signals) if config.notify is not None else None
 
     # -- the cycle ------------------------------------------------------------------------------
     def sync(self, only: Iterable[str] | None = None, *, full: bool = False, dry_run: bool = False) -> CycleReport:
@@ -96,8 +99,13 @@ class Pipeline:
 
     def run_rules(self) -> list[RuleOutcome]:
         with self.store.transaction() as session:
-            exclusive(session, "rules")  # replicas take turns: findings are reconciled set-wise
-            return self.rules.run(session)
+            return self.rules_in(session)
+
+    def rules_in(self, session: Session) -> list[RuleOutcome]:
+        """Run the rules in the caller's transaction, one process at a time: findings are
+        reconciled set-wise, and two runs at once would race on the one-open-finding index."""
+        exclusive(session, "rules")
+        return self.rules.run(session)
 
     def plan_followups(self, *, dry_run: bool = False) -> Plan | None:
         """Queue the follow-ups `[notify]` asks for; a dry run returns them and queues nothing."""
@@ -124,7 +132,7 @@ class Pipeline:
         try:
             with self.store.transaction() as session:
                 report.syncs = self.engine.run_in(session, only, full=full)
-                report.rules = self.rules.run(session)
+                report.rules = self.rules_in(session)
                 report.plan = self._plan(session) if self.planner is not None else None
                 raise _Rollback
         except _Rollback:
@@ -153,18 +161,18 @@ class Pipeline:
             identities = {(key, kind): value for key, kind, value in session.execute(
                 select(Person.key, Identity.kind, Identity.value).join(Identity).order_by(Identity.id.desc()))}
         kinds = {n: c.type for n, c in self.config.connectors.items()}
-        actions, missed = digests.recipients(name, cfg, content, kinds, identities)
+        actions, missed = digests.recipients(name, cfg, content, kinds, identities, smtp=self.config.smtp is not None)
         return DigestRun(name, content.slot, actions, missed, content)
 
     def send_digest(self, name: str) -> DigestRun:
         """Queue digest `name` for its current slot (once per slot) and deliver it now."""
         run = self.digest(name)
         with self.store.transaction() as session:
-            enqueue(session, run.actions, self.clock())
+            queued = len(enqueue(session, run.actions, self.clock()))
         for recipient in run.missed:
             log.warning("digest %s: cannot reach %s (no identity or connector for it)", name, recipient)
         self.deliver_outbox(limit=max(len(run.actions), 1) * 2)
-        return run
+        return replace(run, queued=queued)
 
     def send_due_digests(self) -> list[DigestRun]:
         """Send every digest whose current slot has not been sent yet."""

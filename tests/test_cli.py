@@ -241,3 +241,25 @@ def test_mistyped_env_override_exits_2_naming_it(project: Path) -> None:
     proc = run("sync", cwd=project, env={"TRACKLOOP_STOER__URL": "sqlite:///elsewhere.db"})
     assert proc.returncode == 2 and proc.stderr.startswith("trackloop.toml: TRACKLOOP_STOER__URL: no such config key")
     assert not (project / "store.db").exists() and not (project / "elsewhere.db").exists()
+
+
+@pytest.mark.parametrize("command", [("rules", "run"), ("verify", "sheet:2")])
+def test_cli_rule_runs_take_the_rules_lock(project: Path, db_url: str, command: tuple[str, ...]) -> None:
+    """`rules run` and `verify` wait for a daemon's rules run instead of racing it (PostgreSQL)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time; the lock is PostgreSQL's")
+    from sqlalchemy import create_engine, func, select
+
+    from store.locks import lock_key
+
+    write_config(project, GOOD.replace('url = "sqlite:///store.db"', f'url = "{db_url}"'))
+    assert run("sync", cwd=project).returncode == 0
+    holder = create_engine(db_url)
+    with holder.connect() as conn, conn.begin():
+        conn.execute(select(func.pg_advisory_xact_lock(lock_key("rules"))))  # a daemon mid-run
+        waiting = subprocess.Popen([*TRACKLOOP, *command], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={k: v for k, v in os.environ.items() if not k.startswith("TRACKLOOP_")})
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=4)
+    assert waiting.wait(timeout=60) == 0  # the lock is released with the transaction
+    holder.dispose()

@@ -127,3 +127,43 @@ def test_digest_terminal_markdown_and_html(project: Path) -> None:
     assert "Renew the certificate &lt;!channel&gt;" in html and "<!channel>" not in html
     unknown = run("digest", "nope", cwd=project)
     assert unknown.returncode == 2 and "no digest 'nope' (configured: leads)" in unknown.stderr
+
+
+def test_rules_run_notify_dry_run_and_verify(project: Path, services) -> None:
+    gh, slack = services
+    shipped = gh.add_issue("acme/api", title="Shipped last week", state="closed", assignees=("bob-o",),
+                           closed_at=datetime.now(UTC) - timedelta(days=5))["number"]
+    config = project / "trackloop.toml"
+    with_notify = config.read_text()
+    config.write_text(with_notify.replace('[notify]\ncomment_on_source = ["overdue"]\ndm_owner = ["overdue"]\n', ""))
+    assert run("sync", cwd=project).returncode == 0  # no [notify]: findings, no follow-ups
+
+    rules = run("rules", "run", cwd=project)
+    assert rules.returncode == 0, rules.stderr
+    flagged = {row.split("\t")[0]: row.split("\t")[2] for row in rules.stdout.splitlines()[1:]}
+    assert flagged["overdue"] == "1" and flagged["done_unverified"] == "1"
+
+    config.write_text(with_notify)
+    dry = run("notify", "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    assert "overdue:gh:acme/api#1:dm:bob:0" in dry.stdout and "notify: 2 would be queued" in dry.stderr
+    assert json.loads(run("outbox", "--json", "--all", cwd=project).stdout) == []
+
+    ref = f"gh:acme/api#{shipped}"
+    assert [f["external_id"] for f in json.loads(run("flags", "--json", "--rule", "done_unverified",
+                                                     cwd=project).stdout)] == [f"acme/api#{shipped}"]
+    verified = run("verify", ref, cwd=project)
+    assert verified.returncode == 0 and f"recorded verification of {ref}" in verified.stderr
+    assert json.loads(run("flags", "--json", "--rule", "done_unverified", cwd=project).stdout) == []
+    unknown = run("verify", "gh:acme/api#999", cwd=project)
+    assert unknown.returncode == 2 and "no task 'gh:acme/api#999'" in unknown.stderr
+
+
+def test_digest_send_says_what_it_queued(project: Path, services) -> None:
+    gh, slack = services
+    assert run("sync", cwd=project).returncode == 0
+    first = run("digest", "leads", "--send", cwd=project)
+    assert first.returncode == 0 and "digest leads: 1 deliveries queued for slot" in first.stderr
+    again = run("digest", "leads", "--send", cwd=project)
+    assert again.returncode == 0 and "deliveries queued" not in again.stderr
+    assert "already queued for slot" in again.stderr

@@ -5,6 +5,7 @@ Real connectors talk to the loopback stand-ins; time is moved by a clock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from connectors.registry import connector_types
 from store.db import Store
 from store.models import Finding, OutboxAction
+from store.outbox import action_json
 from sync.config import parse_config
 from sync.pipeline import Pipeline
 from sync.standins.github import GithubStandin
@@ -52,7 +54,7 @@ def world() -> Iterator[dict[str, Any]]:
 
 
 def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, Any] | None,
-         digests: dict[str, Any] | None = None) -> Pipeline:
+         digests: dict[str, Any] | None = None, rules: dict[str, Any] | None = None, **top: Any) -> Pipeline:
     data: dict[str, Any] = {
         "store": {"url": store.url},
         "people": {
@@ -69,6 +71,8 @@ def make(world: dict[str, Any], store: Store, clock: Clock, notify: dict[str, An
         "rules": {rid: {"enabled": False} for rid in ("missing_context", "no_due_date", "stale_status", "due_soon",
                                                        "at_risk", "dependency_at_risk", "done_unverified")},
     }
+    data["rules"].update(rules or {})
+    data.update(top)
     if notify is not None:
         data["notify"] = notify
     if digests is not None:
@@ -208,6 +212,53 @@ def test_quiet_hours_and_working_days(world, store: Store) -> None:
     assert len(make(world, store, clock, notify).sync().plan.actions) == 1
 
 
+def test_retries_wait_out_quiet_hours(world, store: Store) -> None:
+    """A failed attempt's retry, or `outbox retry`, is no follow-up at 21:30 or on a Saturday."""
+    from store.outbox import retry_failed
+
+    gh, clock = world["gh"], Clock()
+    n = overdue_issue(gh)
+    notify = {"comment_on_source": ["overdue"], "quiet_hours": "20:00-08:00", "timezone": "Europe/Berlin",
+              "working_days": ["mon", "tue", "wed", "thu", "fri"], "max_attempts": 1}
+    pipeline = make(world, store, clock, notify)
+    gh.inject(r"/issues/\d+/comments$", method="POST", status=502, times=1)
+    cycle(pipeline)
+    assert [status for _, status in outbox(store)] == ["failed"]
+    clock.now = datetime(2026, 11, 3, 20, 30, tzinfo=UTC)  # 21:30 in Berlin
+    with store.transaction() as s:
+        assert retry_failed(s, clock.now) == 1
+    report = pipeline.deliver_outbox()
+    assert report.sent == 0 and report.paused == "quiet hours (20:00-08:00 Europe/Berlin)"
+    clock.now = datetime(2026, 11, 7, 12, 0, tzinfo=UTC)  # Saturday
+    assert pipeline.deliver_outbox().sent == 0 and comments_by_bot(gh, n) == []
+    clock.now = datetime(2026, 11, 9, 7, 30, tzinfo=UTC)  # Monday 08:30 in Berlin
+    assert pipeline.deliver_outbox().sent == 1 and len(comments_by_bot(gh, n)) == 1
+
+
+def test_action_whose_finding_resolved_is_cancelled_not_sent(world, store: Store) -> None:
+    gh, clock = world["gh"], Clock()
+    n = overdue_issue(gh)
+    pipeline = make(world, store, clock, {"comment_on_source": ["overdue"], "max_attempts": 3})
+    gh.inject(r"/issues/\d+/comments$", method="POST", status=502, times=1)
+    cycle(pipeline)
+    key = f"overdue:gh:acme/api#{n}:comment:task:0"
+    assert outbox(store) == [(key, "pending")]  # waiting for its retry
+    gh.set_now(NOW + timedelta(minutes=1))
+    gh.update_issue("acme/api", n, state="closed")  # done meanwhile: nothing is overdue any more
+    clock.now += timedelta(minutes=10)
+    pipeline.sync()
+    report = pipeline.deliver_outbox()
+    assert report.cancelled == 1 and report.sent == 0
+    assert outbox(store) == [(key, "cancelled")] and comments_by_bot(gh, n) == []
+    with store.transaction() as s:
+        row = s.scalar(select(OutboxAction))
+        assert action_json(row)["status"] == "cancelled" and "resolved" in row.last_error
+    gh.update_issue("acme/api", n, state="open")  # it reopens, still late: a new finding is followed up
+    clock.now += timedelta(minutes=10)
+    cycle(pipeline)
+    assert outbox(store)[-1] == (f"overdue:gh:acme/api#{n}:comment:task:1", "sent")
+
+
 def test_reminders_follow_remind_every_and_escalation_goes_to_the_lead(world, store: Store) -> None:
     gh, slack, clock = world["gh"], world["slack"], Clock()
     n = overdue_issue(gh)
@@ -243,21 +294,111 @@ def test_verification_is_asked_once_and_only_for_observed_transitions(world, sto
     cycle(pipeline)
     asks = comments_by_bot(gh, open_one)
     assert len(asks) == 1 and "was marked done" in asks[0] and "the page loads" in asks[0]
+    plain = asks[0].replace("\\`", "`")  # GitHub Markdown escapes the plain text's backticks
+    assert f"Add the `verified` label or run `trackloop verify gh:acme/api#{open_one}`." in plain
+    assert "reply" not in asks[0]  # a reply is no verification signal
     assert comments_by_bot(gh, already) == []
+
+
+def test_verification_asks_name_the_sources_own_signals(world, store: Store) -> None:
+    """Labels only where tasks have labels (with the configured names), ✅ in Slack, the CLI always."""
+    from dataclasses import asdict
+
+    from sync.messages import how_to_verify
+
+    gh, slack, clock = world["gh"], world["slack"], Clock()
+    n = gh.add_issue("acme/api", title="Shipped", state="closed", assignees=("bob-o",),
+                     closed_at=NOW - timedelta(days=3))["number"]
+    pipeline = make(world, store, clock, {"comment_on_source": ["done_unverified"], "dm_owner": ["done_unverified"]},
+                    rules={"done_unverified": {"verified_labels": ["qa-ok"]}})
+    cycle(pipeline)
+    [comment] = comments_by_bot(gh, n)
+    plain = comment.replace("\\`", "`")
+    assert f"Add the `verified` or `qa-ok` label or run `trackloop verify gh:acme/api#{n}`." in plain
+    [dm] = dms(slack, BOB_SLACK)
+    assert "`qa-ok`" in dm["text"] and "reply" not in dm["text"]
+    signals = pipeline.planner.signals
+    assert how_to_verify("jira:OPS-1", **asdict(signals["jira"])) == (
+        "Add the `qa-ok` label, move it to “Verified”, or run `trackloop verify jira:OPS-1`.")
+    assert how_to_verify("slack:C1/1.2", **asdict(signals["slack"])) == (
+        "React with ✅ (someone other than the owner) or run `trackloop verify slack:C1/1.2`.")
 
 
 HOSTILE = "<!channel> @here <script>alert(1)</script> [x](https://evil.example) " + "A" * 10_000
 
 
 def test_hostile_titles_cannot_ping_or_inject(world, store: Store) -> None:
+    """The title travels in DMs, triage notes and digests (Slack, Markdown, HTML); none of them
+    lets it ping, link or inject markup. (Comments on the task itself do not repeat its title.)"""
+    from sync.digests import render_html, render_markdown
+
     gh, slack, clock = world["gh"], world["slack"], Clock()
-    n = overdue_issue(gh, title=HOSTILE)
-    cycle(make(world, store, clock, {"comment_on_source": ["overdue"], "dm_owner": ["overdue"]}))
+    overdue_issue(gh, title=HOSTILE)
+    overdue_issue(gh, title=HOSTILE, assignee="")
+    pipeline = make(world, store, clock, {"dm_owner": ["overdue"],
+                                          "triage_channel": {"connector": "slack", "channel": "C0TRIAGE"}},
+                    digests={"leads": {"to": ["alice"], "schedule": "0 9 * * *", "sources": ["gh"]}},
+                    rules={"missing_owner": {"grace": "0s"}})
+    cycle(pipeline)
     [dm] = dms(slack, BOB_SLACK)
-    assert "<!channel>" not in dm["text"] and "<script>" not in dm["text"] and "@here" not in dm["text"]
-    assert len(dm["text"]) < 1000
-    [comment] = comments_by_bot(gh, n)
-    assert "overdue by" in comment and "@here" not in comment and "<script>" not in comment
+    [note] = slack.sent("C0TRIAGE")
+    for text in (dm["text"], note["text"]):
+        assert "<!channel>" not in text and "<script>" not in text and "@here" not in text
+        assert "<https://evil" not in text and len(text) < 1000  # mrkdwn links are <url|text>
+    pipeline.send_digest("leads")
+    [digest] = dms(slack, ALICE_SLACK)
+    blocks = json.dumps(digest["blocks"], ensure_ascii=False)
+    assert "<!channel>" not in blocks and "@here" not in blocks and "<script>" not in blocks
+    assert "&lt;!channel&gt;" in blocks  # the title is there, as text
+    assert "<https://evil.example" not in blocks and "<https://github.com/acme/api/issues/1|" in blocks
+    content = pipeline.digest("leads").content
+    md = render_markdown(content)
+    assert "](https://evil.example)" not in md and "\\[x\\]\\(https://evil.example\\)" in md
+    assert "<script>" not in md and "@here" not in md
+    page = render_html(content)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert all(len(line) < 2000 for line in page.splitlines())  # 10 kB titles are cut short
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "JaVaScRiPt:alert(1)", "data:text/html,<b>x</b>",
+                                 "ftp://files.example/x", "//evil.example/x", "not a url", ""])
+def test_digest_links_only_http_urls(url: str) -> None:
+    """A CSV source's URL is free text: anything but http(s) shows no link in any renderer."""
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest(url)
+    assert "href" not in render_html(content) and "](" not in render_markdown(content)
+    assert "|gh:1>" not in json.dumps(render_blocks(content)) and " <" not in render_text(content)
+
+
+def test_digest_links_percent_encode_what_would_end_them() -> None:
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest('https://x.example/a|b>c<d (e)"f\'g h')
+    encoded = "https://x.example/a%7Cb%3Ec%3Cd%20%28e%29%22f%27g%20h"
+    assert f"[gh:1]({encoded})" in render_markdown(content)
+    assert f'<a href="{encoded}">gh:1</a>' in render_html(content)
+    assert f"<{encoded}|gh:1>" in json.dumps(render_blocks(content))
+    assert f"<{encoded}>" in render_text(content)
+
+
+def one_item_digest(url: str, *, items: int = 1, max_items: int = 200) -> Any:
+    from sync.digests import DigestContent, Item, Section
+
+    section = Section("Overdue", total=items)
+    section.by_owner["bob"] = [Item(f"gh:{n}", f"task {n}", url, "overdue by 1 day")
+                               for n in range(1, min(items, max_items) + 1)]
+    return DigestContent("leads", NOW, None, [("Open", items), ("Overdue", items)], [section], [])
+
+
+def test_every_renderer_counts_what_max_items_leaves_out() -> None:
+    from sync.digests import render_blocks, render_html, render_markdown, render_text
+
+    content = one_item_digest("https://x.example/1", items=5, max_items=2)
+    assert "  … and 3 more" in render_text(content).splitlines()
+    assert "… and 3 more" in render_markdown(content).splitlines()
+    assert "<p>… and 3 more</p>" in render_html(content)
+    assert "… and 3 more" in json.dumps(render_blocks(content), ensure_ascii=False)
 
 
 def test_triage_channel_gets_unowned_work(world, store: Store) -> None:
@@ -373,3 +514,40 @@ def test_digest_sent_once_per_slot_and_block_kit_limits_for_2000_tasks(world, st
     clock.now = datetime(2026, 11, 4, 9, 1, tzinfo=UTC)
     assert [r.name for r in pipeline.send_due_digests()] == ["leads"]
     assert date(2026, 11, 4) == clock.now.date()
+
+
+def test_email_digest_goes_through_smtp_without_an_imap_connector(world, store: Store, smtp_sink: Any) -> None:
+    gh, clock = world["gh"], Clock()
+    overdue_issue(gh, title="Late work")
+    smtp = {"host": smtp_sink.host, "port": smtp_sink.port, "starttls": False, "sender": "trackloop@example.com"}
+    pipeline = make(world, store, clock, None, smtp=smtp,
+                    digests={"leads": {"to": ["alice"], "via": ["email"], "schedule": "0 9 * * *"}})
+    cycle(pipeline)
+    [run] = pipeline.send_due_digests()
+    assert run.missed == [] and [a.connector for a in run.actions] == ["[smtp]"]
+    [mail] = smtp_sink.messages
+    assert mail["From"] == "trackloop@example.com" and mail["To"] == "alice@example.com"
+    assert mail["Subject"].startswith("trackloop digest “leads”") and mail["Message-ID"].endswith("@example.com>")
+    assert "Late work" in mail.get_body(("plain",)).get_content()
+    assert "Late work" in mail.get_body(("html",)).get_content()
+    assert outbox(store) == [(run.actions[0].key, "sent")]
+    assert pipeline.send_due_digests() == [] and len(smtp_sink.messages) == 1  # once per slot
+
+
+@pytest.mark.parametrize(("smtp", "why"), [
+    (None, "there is neither an imap connector nor [smtp]"),
+    ({"host": "smtp.example.com", "username": "bot"}, "[smtp] sets no sender"),
+])
+def test_email_digest_with_no_way_to_send_fails_at_config_load(smtp: dict[str, Any] | None, why: str) -> None:
+    from store.errors import ConfigError
+
+    data: dict[str, Any] = {"people": {"alice": {"email": "alice@example.com"}},
+                            "digests": {"leads": {"to": ["alice"], "via": ["email"]}}}
+    if smtp:
+        data["smtp"] = smtp
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={}, connector_types=connector_types())
+    [problem] = caught.value.problems
+    assert problem.path == "digests.leads.via" and problem.message == f"cannot email 'alice': {why}"
+    data["smtp"] = {"host": "smtp.example.com", "username": "bot@example.com"}  # a login that is an address
+    assert parse_config(data, env={}, connector_types=connector_types()).smtp.from_address == "bot@example.com"

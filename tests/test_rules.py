@@ -224,6 +224,24 @@ def test_blocker_due_after_dependent_and_stale_blocker(store: Store) -> None:
     assert found["c"].startswith("blocked by gh:d, which is stale (in progress with no activity")
 
 
+@pytest.mark.parametrize("stale_settings", [dict(enabled=False), dict(sources=["jira"]), dict(labels=["team-b"]),
+                                            dict(exclude_labels=["waiting"])])
+def test_stale_blocker_counts_whatever_stale_status_flags(store: Store, stale_settings: dict) -> None:
+    """Switching stale_status off or scoping it away from a blocker silences its nags, not the risk."""
+    put(store, task("c"), task("d", status=Status.IN_PROGRESS, updated_at=NOW - timedelta(days=20),
+                               labels=("waiting",), links=blocks("c")), now=NOW - timedelta(days=20))
+    config = {rid: cls.config_model(enabled=False) for rid, cls in TYPES.items()}
+    config["stale_status"] = TYPES["stale_status"].config_model(**stale_settings, after={"in_progress": "5d"})
+    config["dependency_at_risk"] = TYPES["dependency_at_risk"].config_model()
+    with store.transaction() as s:
+        RulesEngine(build_rules(TYPES, config), clock=lambda: NOW).run(s)
+    with store.transaction() as s:
+        found = {v.task.external_id: v.finding.message for v in open_findings(s, rule="dependency_at_risk")}
+        assert open_findings(s, rule="stale_status") == []  # stale_status itself says nothing about d
+    assert found == {"c": "blocked by gh:d, which is stale (in progress with no activity for 14 business days; "
+                          "threshold 5d)"}
+
+
 def test_closed_blocker_is_no_risk(store: Store) -> None:
     put(store, task("a"), task("b", due=date(2026, 10, 1), status=Status.DONE, links=blocks("a")))
     assert run(store, "dependency_at_risk") == {}
@@ -299,13 +317,6 @@ def test_disabling_a_rule_resolves_its_findings(store: Store) -> None:
     assert run(store, "overdue", enabled=False) == {}
 
 
-@pytest.mark.parametrize("rule_id", sorted(TYPES))
-def test_every_rule_honours_source_scope(store: Store, rule_id: str) -> None:
-    put(store, task("x", assignees=(), due=date(2026, 10, 1), body="", acceptance_criteria=None,
-                    priority=Priority.HIGH))
-    assert run(store, rule_id, sources=["nowhere"]) == {}
-
-
 # -- every rule: an exempt label keeps it quiet, and fixing the task resolves the finding --------
 FIRING: dict[str, tuple[dict, dict]] = {
     # rule: (record that fires, changes that clear it)
@@ -323,6 +334,30 @@ FIRING: dict[str, tuple[dict, dict]] = {
     "at_risk": (dict(due=date(2026, 11, 4), remaining_estimate_s=10 * 8 * 3600),
                 dict(due=date(2026, 11, 30), remaining_estimate_s=10 * 8 * 3600)),
 }
+
+
+def firing(rule_id: str, **extra) -> list[TaskRecord]:
+    """Records that make `rule_id` flag the task "t" (dependency_at_risk needs its late blocker)."""
+    if rule_id == "dependency_at_risk":
+        return [task("t", due=date(2026, 12, 20), **extra),
+                task("late", due=date(2026, 10, 28), links=blocks("t"), labels=("elsewhere-only",))]
+    fires, _ = FIRING[rule_id]
+    return [task("t", **fires, **extra)]
+
+
+SCOPED_OUT = [("sources", ["nowhere"]), ("owners", ["nobody"]), ("labels", ["elsewhere"]),
+              ("exclude_labels", ["team-a"])]
+
+
+@pytest.mark.parametrize("rule_id", sorted(TYPES))
+def test_every_rule_honours_its_scope(store: Store, rule_id: str) -> None:
+    """Each rule fires on its fixture unscoped, and flags nothing once any scope key leaves it out."""
+    assert set(TYPES) == {*FIRING, "dependency_at_risk"}  # a new rule needs a firing fixture here
+    put(store, *firing(rule_id, labels=("team-a",)), now=NOW - timedelta(days=10))
+    assert "t" in run(store, rule_id, exclude_labels=[])
+    assert "t" in run(store, rule_id, sources=["gh"], labels=["team-a"])
+    for key, value in SCOPED_OUT:
+        assert "t" not in run(store, rule_id, **{key: value}), f"{rule_id} ignores {key} = {value}"
 
 
 @pytest.mark.parametrize("rule_id", sorted(FIRING))

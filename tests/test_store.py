@@ -316,6 +316,25 @@ def test_trackloops_own_post_is_not_activity(store: Store) -> None:
         assert s.scalar(select(Task.last_activity_at)) == posted + timedelta(hours=1)
 
 
+def test_own_post_recorded_late_is_still_not_activity(store: Store) -> None:
+    """A lost reply: the post landed at the first attempt, the retry that found it recorded it later."""
+    from store.models import OutboxAction
+    from store.outbox import NewAction, claim_due, enqueue
+
+    write(store, [rec("1", updated_at=T0)])
+    first = T0 + timedelta(days=4)
+    with store.transaction() as s:
+        tid = s.scalar(select(Task.id))
+        enqueue(s, [NewAction(key="k1", connector="src", kind="comment", text="nudge", task_id=tid)], first)
+        claim_due(s, "w", first, 10, timedelta(minutes=5))
+        row = s.scalar(select(OutboxAction))
+        assert row.first_attempt_at == first
+        row.status, row.sent_at = "sent", first + timedelta(minutes=1)  # the retry found it delivered
+    write(store, [rec("1", updated_at=first + timedelta(seconds=2))], now=first + timedelta(minutes=5))
+    with store.transaction() as s:
+        assert s.scalar(select(Task.last_activity_at)) == T0
+
+
 def test_activity_never_moves_backwards(store: Store) -> None:
     write(store, [rec("1", last_activity_at=T0 + timedelta(days=1))])
     write(store, [rec("1", last_activity_at=T0, title="older report")])
