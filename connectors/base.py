@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 from tenacity.stop import stop_base
 
-from connectors.errors import PushError, TransientError
+from connectors.errors import PushError, RateLimited, TransientError
 from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState
 from store.durations import Duration
 
@@ -182,6 +182,17 @@ class Connector(ABC, Generic[ConfigT, CursorT]):
             reraise=True,
         )
         return retrying(self._translated, fn, *args, **kwargs)
+
+    def throttled(self, message: str, retry_after: float | None) -> TransientError:
+        """A rate-limit answer as an error: retried when its `Retry-After` fits `retry.max_wait`, else
+        `RateLimited`, which stops the sync cleanly instead of asking again while still limited."""
+        if retry_after is not None and retry_after > self.config.retry.max_wait.total_seconds():
+            return RateLimited(
+                f"{message}; rate limited for {retry_after:.0f}s",
+                reset_at=self.now() + timedelta(seconds=retry_after),
+                retry_after=retry_after,
+            )
+        return TransientError(message, retry_after=retry_after)
 
     def once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a write exactly once, translated; the outbox is the only retry layer for writes."""

@@ -649,7 +649,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         secondary = isinstance(exc, RateLimitExceededException) or (status == 403 and retry_after is not None)
         if status == 429 or secondary:
             wait = 60.0 if retry_after is None else retry_after  # GitHub: wait at least a minute
-            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=wait)
+            return self.throttled(f"GitHub secondary rate limit ({text})", wait)
         if status == 403 and "locked" in message.lower():
             return PayloadError(f"GitHub answered {text}")  # a locked issue takes no comments
         if status == 403:

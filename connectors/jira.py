@@ -56,7 +56,6 @@ from connectors.errors import (
     ConnectorError,
     PayloadError,
     PushError,
-    RateLimited,
     TransientError,
 )
 from store.canonical import (
@@ -847,16 +846,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             if remaining is not None and str(remaining).strip().isdigit():
                 self.stats.rate_limit_remaining = int(remaining)
             label = f"HTTP {status}" if status else "no response"
-            if (
-                status == 429
-                and retry_after is not None
-                and retry_after > self.config.retry.max_wait.total_seconds()
-            ):
-                return RateLimited(
-                    f"{where}: rate limited for {retry_after:.0f}s (HTTP 429)",
-                    reset_at=self.now() + timedelta(seconds=retry_after),
-                    retry_after=retry_after,
-                )
+            if status == 429:
+                return self.throttled(f"{where}: Jira answered HTTP 429: {text}", retry_after)
             return TransientError(f"{where}: Jira answered {label}: {text}", retry_after=retry_after)
         if status == 404:
             return _NotFound(f"{where}: not found (HTTP 404) at {self.config.url}: {text}")

@@ -735,6 +735,27 @@ def test_secondary_rate_limits_and_5xx_are_retried_by_the_one_tenacity_layer(lit
     assert result.requests.retries == 2 and len(lite.log()) == 3 and len(lite.tasks()) == 3
 
 
+def test_a_secondary_limit_longer_than_max_wait_stops_cleanly_after_one_request(env: Env) -> None:
+    env.seed("acme/api", 3)
+    env.seed("acme/web", 3)
+    assert env.run().ok
+    before = env.cursor()
+    env.tick(minutes=10)
+    env.gh.update_issue("acme/web", 1, title="changed")
+    env.gh.reset_log()
+    env.gh.inject(r"/acme/api/issues$", status=403, retry_after=3600)
+    stopped = env.run()
+    assert stopped.ok and stopped.stopped_early and stopped.error is None
+    assert stopped.note and "secondary rate limit" in stopped.note and "rate limited for 3600s" in stopped.note
+    assert len(env.log(None)) == 1 and stopped.requests.retries == 0  # acme/web is not asked while limited
+    assert env.cursor() == before and env.tasks()["acme/web#1"].title != "changed"
+    with env.store.transaction() as s:
+        assert s.get(SyncStateRow, "gh").last_error == stopped.note  # type: ignore[union-attr]
+    env.gh.reset_log()
+    resumed = env.run()
+    assert resumed.ok and resumed.note is None and env.tasks()["acme/web#1"].title == "changed"
+
+
 def test_a_502_storm_on_one_repo_does_not_stop_the_others(env: Env) -> None:
     env.seed("acme/api", 5)
     env.seed("acme/web", 5)
