@@ -29,7 +29,8 @@ offsets), the cursor is held back to where the shift could have started.
 A listing with no time bound (the first run, a changed JQL, or `--full`) is complete: its last
 page vouches for every project it saw or that earlier listings saw, and the engine marks the
 tasks of those projects that it did not return (deleted, moved out of scope) as `cancelled`.
-A project with an unreadable issue is not vouched for.
+A project with an unreadable issue is not vouched for, and a listing that shifted under the
+pager (the signs above) vouches for nothing: absence there may be an offset's skip.
 
 Push. `comment` actions add a comment whose last line is a small monospace marker,
 `trackloop:<action key>`; before posting, the issue's comments are scanned for that marker, so a
@@ -691,6 +692,7 @@ class _Listing:
         self.mark = mark  # newest `updated` listed (epoch ms) that is safe to resume from
         self.began_ms = began_ms
         self.hold: int | None = None
+        self.moved = False  # the listing shifted under the pager: its absences prove nothing
         self.saved: list[int | None] = []  # the value saved after each page
         self.first_page: dict[str, int] = {}
         self.projects: set[str] = set()
@@ -706,11 +708,13 @@ class _Listing:
                 self.unreadable.add(project)
             first = self.first_page.setdefault(key, page)
             if first < page:
+                self.moved = True
                 self._hold(self.saved[first])
         if updated_ms is not None and updated_ms <= self.began_ms:
             self.mark = updated_ms if self.mark is None else max(self.mark, updated_ms)
 
     def shifted(self) -> None:
+        self.moved = True
         self._hold(self.saved[-1] if self.saved else self._start)
 
     def _hold(self, value: int | None) -> None:
@@ -903,6 +907,12 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
                 projects=tuple(sorted(known | listing.projects)),
             )
             if not last or since is not None:
+                yield Page(tasks=records, cursor=cursor)
+            elif listing.moved:  # shifted under the pager: an issue at a page edge may be missing
+                self.log.warning(
+                    "jira connector %r: the listing shifted while it was read (an issue was edited or removed "
+                    "mid-run); not cancelling anything this run", self.name,
+                )
                 yield Page(tasks=records, cursor=cursor)
             else:  # a complete listing: vouch for every project it (or an earlier listing) held
                 completed = sorted((known | listing.projects) - listing.unreadable)

@@ -782,6 +782,33 @@ def test_an_edit_during_offset_paging_never_loses_an_issue(server: JiraStandin, 
     store.close()
 
 
+@pytest.mark.parametrize("change", ["edit", "delete"])
+def test_a_full_listing_that_shifts_under_offset_paging_cancels_nothing(
+    server: JiraStandin, tmp_path: Any, change: str
+) -> None:
+    seed(server, 25)
+    store = Store(f"sqlite:///{tmp_path / 'full-shift.db'}")
+    assert sync(server, store, page_size=10).upserts.inserted == 25
+
+    def shift_after_page_one(name: str, result: SyncResult) -> None:
+        if result.pages == 1:  # ENG-3 leaves its offset: ENG-11, at the next page edge, is skipped
+            if change == "edit":
+                server.update_issue("ENG-3", summary="edited mid-sync", updated=T0 + timedelta(hours=5))
+            else:
+                server.delete_issue("ENG-3")
+
+    server.reset_log()
+    full = sync(server, store, full=True, page_size=10, on_page=shift_after_page_one)
+    assert full.ok and full.upserts.cancelled == 0
+    assert all(t.status == "todo" for k, t in tasks(store).items() if k != "ENG-3")
+    assert tasks(store)["ENG-11"].status == "todo"
+
+    steady = sync(server, store, full=True, page_size=10)  # the next full listing holds still
+    assert steady.upserts.cancelled == (1 if change == "delete" else 0)
+    assert tasks(store)["ENG-3"].status == ("cancelled" if change == "delete" else "todo")
+    store.close()
+
+
 def test_an_issue_edited_mid_run_never_carries_the_cursor_past_uncommitted_ones(
     cloud: JiraStandin, tmp_path: Any
 ) -> None:
