@@ -145,6 +145,10 @@ class Connector(ABC, Generic[ConfigT, CursorT]):
     def check(self) -> CheckResult:
         """One cheap call that tells `trackloop doctor` whether the connector can work."""
 
+    def restore(self, cursor: CursorT | None) -> None:
+        """The cursor the last sync saved, handed to a connector that pushes or checks without
+        pulling, so it can reuse what a sync learnt (Jira: its deployment); the default needs none."""
+
     def translate_errors(self) -> AbstractContextManager[Any]:
         """Map the client library's exceptions to `connectors.errors`; override per connector."""
         return nullcontext()

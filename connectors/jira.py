@@ -14,7 +14,7 @@ Deployment. Jira Cloud and Server/DC differ in search endpoint, rich-text format
                 assumes Server then).
 
 `deployment = "auto"` asks `serverInfo` once (v3 first: it exists only on Cloud) and stores the
-answer in the cursor; `--full` asks again.
+answer in the cursor; `--full` asks again. Pushes get the stored answer through `restore()`.
 
 Incremental pull. Each run searches `(<configured JQL>) AND updated >= <epoch ms> ORDER BY updated
 ASC, key ASC`. Epoch milliseconds avoid the searching account's time zone; the bound is the newest
@@ -33,8 +33,9 @@ A project with an unreadable issue is not vouched for, and a listing that shifte
 pager (the signs above) vouches for nothing: absence there may be an offset's skip.
 
 Push. `comment` actions add a comment whose last line is a small monospace marker,
-`trackloop:<action key>`; before posting, the issue's comments are scanned for that marker, so a
-retry after a lost reply finds the first post instead of posting twice.
+`trackloop:<action key>`; before posting, the issue's comments are scanned for that marker in a
+comment by the bot's own account, so a retry after a lost reply finds the first post instead of
+posting twice.
 """
 
 from __future__ import annotations
@@ -739,7 +740,9 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._jira: JIRA | None = None
-        self.deployment: Deployment | None = None
+        self.deployment: Deployment | None = None  # what this connector found, kept across close()
+        self._stored: Deployment | None = None  # what the last sync found (`restore`)
+        self._me: str | None = None  # the bot's own identity, from /myself, asked only when needed
         self._scope = jql_digest(self.config.jql)
 
     # -- client ------------------------------------------------------------------------------------
@@ -809,6 +812,13 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         client.close()
         return self._construct(version="2", handshake=False), "server"
 
+    def restore(self, cursor: JiraCursor | None) -> None:
+        """A push or check reuses the deployment the last sync found instead of asking serverInfo."""
+        self._stored = cursor.deployment if cursor is not None else None
+
+    def _known(self) -> Deployment | None:
+        return self.deployment or self._stored
+
     def close(self) -> None:
         if self._jira is not None:
             self._jira.close()
@@ -867,7 +877,7 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
     # -- check -------------------------------------------------------------------------------------
     def check(self) -> CheckResult:
         try:
-            client = self.connect()
+            client = self.connect(self._known())
             me = self.call(client.myself)
         except ConnectorError as exc:
             return CheckResult(False, str(exc))
@@ -983,7 +993,7 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             raise PushError(f'{where}: expected an issue key like "OPS-12", got {key!r}', permanent=True)
         marker = marker_for(action.key)
         try:
-            client = self.connect()
+            client = self.connect(self._known())
             earlier = self._find_marker(client, key, marker)
             if earlier is not None:
                 return PushResult(earlier, already_delivered=True)
@@ -996,7 +1006,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         return PushResult(str(comment.id))
 
     def _find_marker(self, client: JIRA, key: str, marker: str) -> str | None:
-        """The id of an earlier comment carrying `marker`, newest first; None if there is none."""
+        """The id of the bot's earlier comment carrying `marker`, newest first; None if there is none
+        (someone quoting the marker does not count)."""
         start, ids = 0, set()
         while True:
             batch = self.call(
@@ -1004,9 +1015,19 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             )
             fresh = [c for c in batch if c.id not in ids]
             for comment in fresh:
-                if has_marker(comment_text(comment.raw.get("body")), marker):
+                mine = has_marker(comment_text(comment.raw.get("body")), marker) and self._is_own(client, comment.raw)
+                if mine:
                     return str(comment.id)
             ids.update(c.id for c in fresh)
             if len(batch) < COMMENT_PAGE or not fresh:
                 return None
             start += len(batch)
+
+    def _is_own(self, client: JIRA, comment: Mapping[str, Any]) -> bool:
+        """Whether the connector's own account wrote `comment` (accountId on Cloud, name on Server/DC)."""
+        cloud = self.deployment == "cloud"
+        if self._me is None:
+            me = identity(self.call(client.myself), cloud=cloud)
+            self._me = me.value if me is not None else ""
+        author = identity(comment.get("author"), cloud=cloud)
+        return author is not None and author.value == self._me

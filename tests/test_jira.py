@@ -1054,6 +1054,40 @@ def test_push_finds_its_marker_among_many_comments(server: JiraStandin) -> None:
     # the 151st comment the first time and the 121st the second
 
 
+def test_a_marker_quoted_by_someone_else_does_not_suppress_the_delivery(standin: JiraStandin) -> None:
+    standin.add_issue("ENG-1", summary="Unowned", updated=T0)
+    action = Action(key="k-quoted", kind="comment", text="Who owns this?", task_external_id="ENG-1")
+    standin.add_comment("ENG-1", f"Quoting the bot:\n\n{marker_for(action.key)}", author="acc-ann")
+    standin.reset_log()
+
+    result = connector(standin).push(action)
+
+    assert not result.already_delivered
+    assert [c["author"] for c in standin.comments("ENG-1")] == ["acc-ann", standin.bot]
+    assert len(standin.requests("GET", r"/myself$")) == 1
+    assert connector(standin).push(action).already_delivered  # the bot's own comment does count
+
+
+def test_pushes_reuse_the_deployment_the_last_sync_stored(standin: JiraStandin, tmp_path: Any) -> None:
+    from sync.delivery import Deliverer
+
+    standin.add_issue("ENG-1", summary="Unowned", updated=T0)
+    store = Store(f"sqlite:///{tmp_path / 'push.db'}")
+    assert sync(standin, store, deployment="auto").ok
+    config = app_config(standin, store.url, deployment="auto")
+    standin.reset_log()
+
+    deliverer = Deliverer(store, config, TYPES, worker="w")
+    for key in ("k1", "k2"):
+        deliverer.connector(NAME).push(Action(key=key, kind="comment", text="hi", task_external_id="ENG-1"))
+    deliverer.close()
+
+    handshakes = standin.requests("GET", r"/serverInfo$")
+    assert len(handshakes) == (1 if standin.cloud else 0)  # Cloud's library needs its own; Server needs none
+    assert len(standin.comments("ENG-1")) == 2
+    store.close()
+
+
 def test_push_refuses_what_it_cannot_deliver(cloud: JiraStandin) -> None:
     cloud.add_issue("ENG-1", summary="x", updated=T0)
     conn = connector(cloud)
