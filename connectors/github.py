@@ -18,8 +18,10 @@ Cost model, per repository and sync:
   `since` is this crawl's start time.
 - A crawl that stops half-way (rate limit, crash, a failing page) resumes at the page after the
   last committed one; the ETag is saved only with the page that ends the crawl.
-- `owner/*` costs the owner's repository listing too, conditional on its ETag, its result cached
-  in the cursor: one more 304 per owner and sync when nothing changed.
+- `owner/*` costs the owner's repository listing too, but only every `repos_refresh` (and on
+  `--full`): the result is cached in the cursor, and the listing is conditional on its ETag. An
+  org's listing changes whenever one of its repositories is pushed to, so asking every run would
+  turn the idle sync's free 304s into a paid 200 per owner.
 """
 
 from __future__ import annotations
@@ -113,6 +115,11 @@ class GithubConfig(ConnectorConfig):
         timedelta(minutes=5),
         description="How far before the last crawl's start an incremental crawl reaches back (clock skew).",
     )
+    repos_refresh: Duration = Field(
+        timedelta(hours=1),
+        description='How often an "owner/*" pattern re-lists the owner\'s repositories (always on --full); '
+        "in between, the cached list is used and costs no request.",
+    )
     min_remaining: int = Field(
         50, ge=0, description="Stop the sync (and resume next run) when fewer API requests than this remain."
     )
@@ -178,6 +185,7 @@ class OwnerListing(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["orgs", "users"] = "orgs"
     repos: list[str] = Field(default_factory=list)
+    listed_at: datetime | None = None  # when GitHub last confirmed the list (200 or 304)
 
 
 class GithubCursor(Cursor):
@@ -805,9 +813,14 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         work: _Work,
         validators: Mapping[str, str],
     ) -> tuple[list[str], Page[GithubCursor] | None]:
-        """Repositories of `owner`, from its listing (one 304 when unchanged) or the cached result."""
+        """Repositories of `owner`: the cached list until `repos_refresh` has passed, then the
+        listing (one 304 when unchanged, which still has to be saved as the new `listed_at`)."""
         key = f"repos:{owner}"
         cached = work.owners.get(owner)
+        now = self.now()
+        if cached is not None and cached.listed_at is not None and not state.full:
+            if now - cached.listed_at < self.config.repos_refresh:
+                return list(cached.repos), None
         etag = validators.get(key) if cached is not None and not state.full else None
         kinds: list[Literal["orgs", "users"]] = [cached.kind] if cached else ["orgs", "users"]
         for kind in kinds:
@@ -824,7 +837,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                     continue  # not an organization: try the user's repositories
                 raise
             if first.status == 304 and cached is not None:
-                return list(cached.repos), None
+                work.owners[owner] = cached.model_copy(update={"listed_at": now})
+                return list(cached.repos), Page(cursor=work.snapshot(_unique([*work.repos, *cached.repos])))
             items: list[Any] = list(first.data or [])
             answer = first
             for _ in range(MAX_PAGES):  # follow Link: it survives a redirect that drops our query
@@ -841,7 +855,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                     continue
                 names.append(item["full_name"].lower())
             names.sort()
-            work.owners[owner] = OwnerListing(kind=kind, repos=names)
+            work.owners[owner] = OwnerListing(kind=kind, repos=names, listed_at=now)
             # no pruning yet: repositories of later patterns keep their cursors
             page = Page(cursor=work.snapshot(_unique([*work.repos, *names])), validators={key: first.etag})
             return names, page

@@ -831,7 +831,7 @@ def test_full_sync_of_a_repo_failing_half_way_marks_nothing(env: Env) -> None:
     assert env.run(full=True).upserts.cancelled == 1
 
 
-def test_repo_wildcard_costs_one_conditional_listing(lite: Env) -> None:
+def test_repo_wildcard_lists_the_owner_once_an_hour_and_idles_at_one_304_per_repo(lite: Env) -> None:
     lite.gh.add_repo("acme/no-issues")
     lite.gh.add_repo("someone/else")
     lite.seed("acme/api", 2)
@@ -842,20 +842,46 @@ def test_repo_wildcard_costs_one_conditional_listing(lite: Env) -> None:
     assert [r.path for r in lite.log()][0] == "/orgs/acme/repos"
     cursor, validators = lite.cursor()
     assert cursor is not None and cursor.owners["acme"].repos == ["acme/api", "acme/no-issues", "acme/web"]
-    assert "repos:acme" in validators
-    lite.gh.reset_log()
-    idle = lite.run(repos=["acme/*"])
-    assert idle.ok and [(r.path, r.status) for r in lite.log()] == [
-        ("/orgs/acme/repos", 304),
+    assert cursor.owners["acme"].listed_at == T0 and "repos:acme" in validators
+    per_repo = [
         ("/repos/acme/api/issues", 304),
         ("/repos/acme/no-issues/issues", 304),
         ("/repos/acme/web/issues", 304),
     ]
-    lite.gh.add_repo("acme/new")
+    lite.gh.add_repo("acme/new")  # GitHub changes the org's listing (and its ETag) on any push as well
     lite.gh.add_issue("acme/new", title="fresh")
+    for minutes in (10, 50):  # two idle syncs within the hour: no listing request at all
+        lite.tick(minutes=minutes - (10 if minutes == 50 else 0))
+        lite.gh.reset_log()
+        idle = lite.run(repos=["acme/*"])
+        assert idle.ok and idle.pages == 0 and [(r.path, r.status) for r in lite.log()] == per_repo
+        assert idle.requests.not_modified == idle.requests.requests == 3
+    assert "acme/new#1" not in lite.tasks()
+
+    lite.tick(minutes=11)  # an hour after the listing: refreshed, and the new repository comes in
     lite.gh.reset_log()
     grown = lite.run(repos=["acme/*"])
     assert grown.ok and "acme/new#1" in lite.tasks()
+    assert [(r.path, r.status) for r in lite.log()][0] == ("/orgs/acme/repos", 200)
+    lite.tick(hours=1)
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"]).ok
+    assert [r.status for r in lite.log()] == [304] * 5  # the listing's 304, then one per repository
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"]).pages == 0 and [r.status for r in lite.log()] == [304] * 4
+    cursor, _ = lite.cursor()
+    assert cursor is not None and cursor.owners["acme"].listed_at == lite.clock.now  # the 304 was saved
+
+
+def test_full_sync_always_refreshes_the_owner_listing(lite: Env) -> None:
+    lite.seed("acme/api", 1)
+    assert lite.run(repos=["acme/*"]).ok
+    lite.gh.add_repo("acme/new")
+    lite.gh.add_issue("acme/new", title="fresh")
+    lite.tick(minutes=5)
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"], full=True).ok and "acme/new#1" in lite.tasks()
+    assert lite.log()[0].path == "/orgs/acme/repos" and not lite.log()[0].headers.get("if-none-match")
 
 
 def test_user_wildcard_falls_back_to_the_users_listing_once(lite: Env) -> None:
@@ -867,6 +893,7 @@ def test_user_wildcard_falls_back_to_the_users_listing_once(lite: Env) -> None:
         "/users/dana/repos",
         "/repos/dana/tools/issues",
     ]
+    lite.tick(hours=2)
     lite.gh.reset_log()
     assert lite.run(repos=["dana/*"]).ok
     assert [(r.path, r.status) for r in lite.log()] == [
