@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +24,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from tenacity.stop import stop_base
 
 from connectors.errors import PushError, RateLimited, TransientError
-from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState
+from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState, TaskRecord
 from store.durations import Duration
 
 T = TypeVar("T")
@@ -75,6 +75,14 @@ class RequestStats:
     not_modified: int = 0
     retries: int = 0
     rate_limit_remaining: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """A connector's verdict on the tasks a complete listing of a scope lacked."""
+
+    gone: frozenset[str] = frozenset()  # deleted or moved away: the engine cancels these
+    found: Sequence[TaskRecord] = ()  # still there after all (the listing skipped them): upserted
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -144,6 +152,11 @@ class Connector(ABC, Generic[ConfigT, CursorT]):
     @abstractmethod
     def check(self) -> CheckResult:
         """One cheap call that tells `trackloop doctor` whether the connector can work."""
+
+    def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
+        """Which open tasks of `scope` that its complete listing lacked are really gone; asked before
+        they are cancelled, only about those. The default trusts the listing: all of them."""
+        return Confirmed(gone=frozenset(external_ids))
 
     def restore(self, cursor: CursorT | None) -> None:
         """The cursor the last sync saved, handed to a connector that pushes or checks without

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,7 +43,7 @@ from github.GithubException import BadCredentialsException, RateLimitExceededExc
 from github.Requester import Requester
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from connectors.base import Connector, ConnectorConfig, parse_retry_after
+from connectors.base import Confirmed, Connector, ConnectorConfig, parse_retry_after
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, RateLimited, TransientError
 from store.canonical import (
     Action,
@@ -533,6 +533,10 @@ def next_link(link_header: str | None) -> str | None:
 
 
 # -- the connector ----------------------------------------------------------------------------
+class _Gone(PayloadError):
+    """404 or 410: the issue (or repository) is not there."""
+
+
 @dataclass(slots=True)
 class _Answer:
     status: int
@@ -667,6 +671,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             )
         if status >= 500:
             return TransientError(f"GitHub answered {text}", retry_after=retry_after)
+        if status in (404, 410):
+            return _Gone(f"GitHub answered {text}")
         return PayloadError(f"GitHub answered {text}")
 
     def _reset_from(self, headers: Mapping[str, str]) -> datetime | None:
@@ -880,7 +886,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             self.log.info("%s: resuming %s at page %d", self.name, repo, page_no)
         else:
             started, page_no, head_etag = self.now(), 1, ""
-        # Only a listing read from its first page to its last in this run may cancel what it lacks.
+        # Only a listing read from its first page to its last in this run, with every item readable,
+        # may cancel what it lacks (and then only what `confirm_missing` finds gone).
         complete = progress is None and threshold is None
         activities: list[ActivityRecord] = []
         params = {"state": "all", "sort": "updated", "direction": "desc", "per_page": PER_PAGE}
@@ -896,8 +903,9 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 answer = self._read(path, {**params, **extra})
             if not isinstance(answer.data, list):
                 raise PayloadError(f"{repo}: the issues listing is not a JSON array")
-            tasks, found, oldest = self._map_page(repo, answer.data)
+            tasks, found, oldest, skipped = self._map_page(repo, answer.data)
             activities.extend(found)
+            complete = complete and not skipped
             reached = threshold is not None and oldest is not None and oldest < threshold
             if answer.next_url is not None and not reached:
                 progress = CrawlProgress(started=started, page=page_no + 1, etag=head_etag)
@@ -917,7 +925,9 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
 
     def _map_page(
         self, repo: str, items: list[Any]
-    ) -> tuple[list[TaskRecord], list[ActivityRecord], datetime | None]:
+    ) -> tuple[list[TaskRecord], list[ActivityRecord], datetime | None, int]:
+        """(tasks, pull-request activities, the oldest `updated_at`, how many items were unreadable)."""
+        skipped = 0
         tasks: list[TaskRecord] = []
         activities: list[ActivityRecord] = []
         oldest: datetime | None = None
@@ -944,7 +954,42 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 self.log.warning("%s: %s#%s is unreadable (%s), skipped", self.name, repo, number, exc)
-        return tasks, activities, oldest
+                skipped += 1
+        return tasks, activities, oldest, skipped
+
+    def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
+        """`GET` each issue the complete listing of `scope` lacked: 404, 410 or a move to another
+        repository (PyGithub follows the 301) is gone; one still here was skipped by a page shift
+        (an issue deleted or transferred off an earlier page mid-crawl) and comes back as a record.
+        An issue that cannot be asked about is kept this run."""
+        gone: set[str] = set()
+        found: list[TaskRecord] = []
+        for external_id in sorted(external_ids):
+            repo, number = parse_external_id(external_id)
+            try:
+                answer = self._read(f"/repos/{repo}/issues/{number}")
+            except _Gone:
+                gone.add(external_id)
+                continue
+            except (RateLimited, AuthError) as exc:
+                self.log.warning("%s: cannot confirm what %s lost (%s); kept this run", self.name, scope, exc)
+                break
+            except ConnectorError as exc:
+                self.log.warning("%s: cannot confirm %s is gone (%s); kept this run", self.name, external_id, exc)
+                continue
+            payload = answer.data if isinstance(answer.data, Mapping) else {}
+            try:
+                moved = repo_of(payload) != repo
+                if moved or (is_pull_request(payload) and not self.config.include_pull_requests):
+                    gone.add(external_id)
+                else:
+                    found.append(issue_record(payload, self.rules))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                self.log.warning("%s: %s is unreadable (%s); kept this run", self.name, external_id, exc)
+        if found:
+            self.log.info("%s: %d issue(s) of %s were missing from the listing but are there", self.name,
+                          len(found), scope)
+        return Confirmed(gone=frozenset(gone), found=tuple(found))
 
     # -- push --------------------------------------------------------------------------------
     def push(self, action: Action) -> PushResult:

@@ -810,13 +810,61 @@ def test_full_sync_cancels_deleted_and_transferred_issues_and_keeps_them(env: En
     env.gh.transfer_issue("acme/api", 3, "acme/web")
     incremental = env.run()
     assert incremental.ok and incremental.upserts.cancelled == 0  # only a full listing vouches for absence
+    env.gh.reset_log()
     full = env.run(full=True)
     assert full.ok and full.upserts.cancelled == 2
     tasks = env.tasks()
     assert tasks["acme/api#2"].status == "cancelled" and tasks["acme/api#3"].status == "cancelled"
     assert tasks["acme/web#1"].title == "acme/api task 2"  # the transferred issue, under its new name
     assert tasks["acme/api#1"].status == "todo"
-    assert not any(r.headers.get("if-none-match") for r in env.log()[-2:])  # --full lists unconditionally
+    listings = env.log("GET", "/issues$")
+    assert len(listings) == 2 and not any(r.headers.get("if-none-match") for r in listings)  # unconditional
+    asked = [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")]
+    assert asked == [  # only the two candidates: 410 deleted, 301 transferred (followed)
+        ("/repos/acme/api/issues/2", 410),
+        ("/repos/acme/api/issues/3", 301),
+        (f"/repositories/{env.gh._repo('acme/web').id}/issues/1", 200),
+    ]
+
+
+def test_an_issue_deleted_off_an_earlier_page_mid_crawl_does_not_cancel_the_one_it_skipped(env: Env) -> None:
+    env.seed("acme/api", 250)  # newest-first: page 1 holds #250..#151, page 2 #150..#51
+    assert env.run(repos=["acme/api"]).ok
+    env.tick(hours=1)
+    env.gh.update_issue("acme/api", 150, title="edited before the full sync")
+    env.tick(minutes=1)
+    # #150 now leads page 1; when page 2 is asked for, #240 (read on page 1) is deleted, so the
+    # listing shifts up by one and #151, the first issue of page 2 now, is never listed
+    env.gh.hooks.append(
+        (lambda r: r.query.get("page") == ["2"], lambda: env.gh.delete_issue("acme/api", 240))
+    )
+    env.gh.reset_log()
+    full = env.run(repos=["acme/api"], full=True)
+    assert full.ok and full.upserts.cancelled == 0  # #240 was listed before it went: not missing this run
+    assert full.upserts.updated + full.upserts.unchanged == 250  # #151's record came from its own GET
+    assert env.tasks()["acme/api#151"].status == "todo"  # absent from the listing, but GitHub still has it
+    assert [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")] == [("/repos/acme/api/issues/151", 200)]
+    env.tick(minutes=5)
+    env.gh.reset_log()
+    again = env.run(repos=["acme/api"], full=True)  # a listing that holds still: only #240 is missing
+    assert again.upserts.cancelled == 1 and env.tasks()["acme/api#240"].status == "cancelled"
+    assert [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")] == [("/repos/acme/api/issues/240", 410)]
+
+
+def test_a_listing_with_an_unreadable_issue_cancels_nothing_in_that_repo(env: Env) -> None:
+    env.seed("acme/api", 4)
+    env.seed("acme/web", 2)
+    assert env.run().ok
+    env.gh.update_issue("acme/api", 2, title=None)  # unreadable from now on: skipped, so never "seen"
+    env.gh.delete_issue("acme/api", 3)
+    env.gh.delete_issue("acme/web", 1)
+    env.gh.reset_log()
+    full = env.run(full=True)
+    assert full.ok and full.upserts.cancelled == 1  # acme/web's deletion only
+    tasks = env.tasks()
+    assert tasks["acme/api#2"].status == "todo" and tasks["acme/api#3"].status == "todo"
+    assert tasks["acme/web#1"].status == "cancelled"
+    assert [r.path for r in env.log("GET", r"/issues/\d+$")] == ["/repos/acme/web/issues/1"]
 
 
 def test_full_sync_of_a_repo_failing_half_way_marks_nothing(env: Env) -> None:
