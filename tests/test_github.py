@@ -1228,3 +1228,22 @@ def test_nothing_logged_or_raised_contains_the_token(lite: Env, caplog: pytest.L
     assert not lite.run().ok
     assert "test-token" not in caplog.text
     assert json.dumps([r.getMessage() for r in caplog.records]).count("test-token") == 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+def test_demo_github_source_syncs_the_team(tmp_path: Any) -> None:
+    from sync.demo import run_demo
+
+    rows = {t["external_id"]: t for t in run_demo(tmp_path / "demo.db").tasks if t["kind"] == "github"}
+
+    assert sorted(rows) == sorted([*(f"acme/api#{n}" for n in range(1, 8)), *(f"acme/web#{n}" for n in (1, 2, 3))])
+    assert "acme/api#8" not in rows  # the pull request is not a task ...
+    assert rows["acme/api#2"]["last_activity_at"] > rows["acme/api#2"]["updated_at"]  # ... but its "Fixes #2" is
+    assert (rows["acme/api#1"]["owner"], rows["acme/api#1"]["status"], rows["acme/api#1"]["priority"]) == (
+        "bob", "in_progress", "high",
+    )
+    assert (rows["acme/api#2"]["owner"], rows["acme/api#2"]["status"]) == ("carol", "blocked")
+    assert rows["acme/api#7"]["owner"] is None  # two assignees: shared, no single owner
+    assert (rows["acme/api#6"]["status"], rows["acme/api#6"]["raw_status"]) == ("cancelled", "closed/not_planned")
+    assert rows["acme/api#5"]["status"] == "done" and rows["acme/web#3"]["priority"] == "medium"
+    assert rows["acme/web#2"]["url"] == "https://github.com/acme/web/issues/2"
