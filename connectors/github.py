@@ -30,9 +30,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -70,6 +70,7 @@ MAX_PAGES = 100  # a listing that never ends is a bug somewhere, not a reason to
 MAPPING_VERSION = 1  # bump when the mapping changes, so stored tasks are re-read once
 GHOST = "ghost"  # GitHub's stand-in login for deleted accounts
 MARKER = "<!-- trackloop:{key} -->"
+_OWN_MARKER = re.compile(r"<!-- trackloop:\S+ -->")
 
 DEFAULT_PRIORITY_LABELS: dict[str, list[str]] = {
     "high": ["priority:high", "p1", "urgent"],
@@ -81,6 +82,8 @@ DEFAULT_STATUS_LABELS: dict[str, list[str]] = {
     "blocked": ["blocked"],
 }
 
+_ISSUE_URL = re.compile(r"/issues/(\d+)$")
+BOT_SLACK = timedelta(seconds=5)  # a comment sets its issue's `updated_at` to (about) its own time
 _REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/(?:\*|[A-Za-z0-9._-]{1,100})$")
 
 
@@ -475,10 +478,75 @@ def _unique_links(links: list[LinkRecord]) -> list[LinkRecord]:
     return list(dict.fromkeys(links))
 
 
+@dataclass(frozen=True, slots=True)
+class CommentTrail:
+    """One issue's recent comments, as the repository's comment listing shows them."""
+
+    latest: datetime  # `updated_at` of its newest comment
+    by_bot: bool  # whether a bot or trackloop's own account wrote that comment
+    human: datetime | None = None  # `updated_at` of its newest comment by a person
+
+
+def comment_trails(
+    comments: Iterable[Any], rules: MappingRules | None = None, own: str | None = None
+) -> dict[int, CommentTrail]:
+    """Per issue number, the newest comment and the newest human one among `comments` (a page or
+    more of `GET /repos/{owner}/{repo}/issues/comments`, in any order). A comment is a bot's when
+    its login ends in "[bot]", its `user.type` is "Bot", the login is in `bots` or is `own` (the
+    token's account, when known), or it carries trackloop's marker (its own follow-up)."""
+    rules = rules or MappingRules()
+    trails: dict[int, CommentTrail] = {}
+    for comment in comments:
+        if not isinstance(comment, Mapping):
+            continue
+        match = _ISSUE_URL.search(str(comment.get("issue_url") or ""))
+        try:
+            at = parse_time(comment.get("updated_at")) or parse_time(comment.get("created_at"))
+        except ValueError:
+            continue
+        if match is None or at is None:
+            continue
+        bot = _by_bot(comment, rules, own)
+        number = int(match.group(1))
+        trail = trails.get(number)
+        latest, by_bot = (at, bot) if trail is None or at > trail.latest else (trail.latest, trail.by_bot)
+        human = trail.human if trail is not None else None
+        if not bot and (human is None or at > human):
+            human = at
+        trails[number] = CommentTrail(latest, by_bot, human)
+    return trails
+
+
+def _by_bot(comment: Mapping[str, Any], rules: MappingRules, own: str | None) -> bool:
+    user = comment.get("user") if isinstance(comment.get("user"), Mapping) else {}
+    login = _login(user)
+    if rules.is_bot(login) or user.get("type") == "Bot" or _OWN_MARKER.search(str(comment.get("body"))):
+        return True
+    return bool(own and login and login.lower() == own.lower())
+
+
+def bot_explained(updated_at: datetime | None, trail: CommentTrail | None) -> bool:
+    """Whether an issue's `updated_at` is its newest comment's, and a bot wrote that comment."""
+    return (
+        trail is not None and trail.by_bot and updated_at is not None
+        and abs(updated_at - trail.latest) <= BOT_SLACK
+    )  # fmt: skip
+
+
+def human_activity(record: TaskRecord, trail: CommentTrail | None) -> TaskRecord:
+    """`record` with an update that a bot's comment explains left out of its activity: the newest
+    human comment seen, else the issue's creation, stands in; the store keeps a later stored time."""
+    if not bot_explained(record.updated_at, trail):
+        return record
+    times = [t for t in (trail.human if trail else None, record.created_at) if t is not None]
+    return replace(record, last_activity_at=max(times) if times else None)
+
+
 def pull_request_activities(
-    payload: Mapping[str, Any], rules: MappingRules | None = None
+    payload: Mapping[str, Any], rules: MappingRules | None = None, trail: CommentTrail | None = None
 ) -> list[ActivityRecord]:
-    """A pull request that says "fixes #N" is activity on #N at the PR's `updated_at` (bots' are not)."""
+    """A pull request that says "fixes #N" is activity on #N at the PR's `updated_at`; bots' PRs
+    are not, and a bot's comment on the PR moves that time back to its newest human comment."""
     rules = rules or MappingRules()
     if not is_pull_request(payload):
         return []
@@ -486,6 +554,8 @@ def pull_request_activities(
     if rules.is_bot(author):
         return []
     at = parse_time(payload.get("updated_at"))
+    if bot_explained(at, trail):
+        at = trail.human if trail is not None else None
     body = payload.get("body") if isinstance(payload.get("body"), str) else ""
     if at is None or not body:
         return []
@@ -890,6 +960,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         # may cancel what it lacks (and then only what `confirm_missing` finds gone).
         complete = progress is None and threshold is None
         activities: list[ActivityRecord] = []
+        trails: dict[int, CommentTrail] | None = None  # read once, when the listing has changed
         params = {"state": "all", "sort": "updated", "direction": "desc", "per_page": PER_PAGE}
         while True:
             if page_no == 1:
@@ -903,7 +974,9 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 answer = self._read(path, {**params, **extra})
             if not isinstance(answer.data, list):
                 raise PayloadError(f"{repo}: the issues listing is not a JSON array")
-            tasks, found, oldest, skipped = self._map_page(repo, answer.data)
+            if trails is None:
+                trails = self._comment_trails(repo, rc.since - self.config.overlap) if rc.since else {}
+            tasks, found, oldest, skipped = self._map_page(repo, answer.data, trails)
             activities.extend(found)
             complete = complete and not skipped
             reached = threshold is not None and oldest is not None and oldest < threshold
@@ -924,9 +997,10 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             return
 
     def _map_page(
-        self, repo: str, items: list[Any]
+        self, repo: str, items: list[Any], trails: Mapping[int, CommentTrail]
     ) -> tuple[list[TaskRecord], list[ActivityRecord], datetime | None, int]:
-        """(tasks, pull-request activities, the oldest `updated_at`, how many items were unreadable)."""
+        """(tasks, pull-request activities, the oldest `updated_at`, how many items were unreadable);
+        `trails` tell which updates were a bot's comment."""
         skipped = 0
         tasks: list[TaskRecord] = []
         activities: list[ActivityRecord] = []
@@ -945,17 +1019,34 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                         f"{repo} answered with issues of {item_repo}: the repository was renamed or moved; "
                         f"update connectors.{self.name}.repos"
                     )
+                trail = trails.get(number) if isinstance(number, int) else None
                 if is_pull_request(item):
-                    activities.extend(pull_request_activities(item, self.rules))
+                    activities.extend(pull_request_activities(item, self.rules, trail))
                     if not self.config.include_pull_requests:
                         continue
-                tasks.append(issue_record(item, self.rules))
+                tasks.append(human_activity(issue_record(item, self.rules), trail))
             except PayloadError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 self.log.warning("%s: %s#%s is unreadable (%s), skipped", self.name, repo, number, exc)
                 skipped += 1
         return tasks, activities, oldest, skipped
+
+    def _comment_trails(self, repo: str, since: datetime) -> dict[int, CommentTrail]:
+        """Who wrote the comments of `repo` updated since `since`, from the repository's comment
+        listing (newest first; one request per 100 comments), so a bot's comment is not activity."""
+        params = {"since": format_since(since), "sort": "updated", "direction": "desc", "per_page": PER_PAGE}
+        answer = self._read(f"/repos/{repo}/issues/comments", params)
+        comments: list[Any] = list(answer.data if isinstance(answer.data, list) else ())
+        for _ in range(MAX_PAGES - 1):
+            if answer.next_url is None:
+                break
+            answer = self._read(answer.next_url)  # Link, not page numbers: a 301 drops the query
+            comments.extend(answer.data if isinstance(answer.data, list) else ())
+        if answer.next_url is not None:
+            self.log.warning("%s: over %d comments on %s since the last crawl; the oldest were not read",
+                             self.name, MAX_PAGES * PER_PAGE, repo)
+        return comment_trails(comments, self.rules, self._login)
 
     def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
         """`GET` each issue the complete listing of `scope` lacked: 404, 410 or a move to another

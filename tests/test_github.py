@@ -31,13 +31,17 @@ from connectors.github import (
     blocker_refs,
     cap_body,
     closing_refs,
+    comment_trails,
     format_since,
+    human_activity,
     issue_record,
     marker_for,
     parse_external_id,
     pull_request_activities,
     task_list_refs,
 )
+from rules.engine import RulesEngine, build_rules
+from rules.registry import rule_types
 from store.canonical import (
     Action,
     IdentityKind,
@@ -51,6 +55,7 @@ from store.canonical import (
 )
 from store.db import Store
 from store.errors import ConfigError
+from store.findings import open_findings
 from store.models import Person, SyncStateRow, Task, TaskEvent, TaskLink
 from sync.config import AppConfig, parse_config
 from sync.engine import SyncEngine, SyncResult
@@ -332,6 +337,37 @@ def test_pull_requests_relate_and_count_as_activity_unless_a_bot_wrote_them() ->
     assert (
         issue_record(pr_payload(state="closed", closed_at="2011-05-02T00:00:00Z")).status is Status.CANCELLED
     )
+
+
+def test_comment_trails_tell_bots_and_trackloop_from_people() -> None:
+    def comment(number: int, login: str, at: str, kind: str = "User", body: str = "hi") -> dict[str, Any]:
+        return {"issue_url": f"https://api.github.com/repos/acme/api/issues/{number}", "body": body,
+                "user": {"login": login, "type": kind}, "created_at": at, "updated_at": at}
+
+    trails = comment_trails(
+        [
+            comment(1, "stale[bot]", "2026-11-02T10:00:00Z"),
+            comment(1, "alice", "2026-11-01T10:00:00Z"),
+            comment(2, "ci", "2026-11-02T10:00:00Z", kind="Bot"),
+            comment(3, "bob", "2026-11-02T10:00:00Z", body="ping <!-- trackloop:stale:acme/api#3 -->"),
+            comment(4, "alice", "2026-11-02T10:00:00Z"),
+            comment(4, "renovate", "2026-11-02T09:00:00Z"),
+            comment(5, "me", "2026-11-02T10:00:00Z"),
+            {"issue_url": None},
+        ],
+        MappingRules(bots=frozenset({"renovate"})),
+        own="ME",
+    )
+    at = datetime(2026, 11, 2, 10, tzinfo=UTC)
+    assert trails[1].by_bot and trails[1].latest == at and trails[1].human == at - timedelta(days=1)
+    assert trails[2].by_bot and trails[3].by_bot and trails[5].by_bot and trails[2].human is None
+    assert not trails[4].by_bot and trails[4].human == at
+    record = issue_record(issue_payload(updated_at="2026-11-02T10:00:02Z", created_at="2026-10-01T00:00:00Z"))
+    assert human_activity(record, trails[1]).last_activity_at == at - timedelta(days=1)  # the human's comment
+    assert human_activity(record, trails[2]).last_activity_at == datetime(2026, 10, 1, tzinfo=UTC)  # creation
+    assert human_activity(record, trails[4]) is record  # a person wrote the newest comment
+    later = issue_record(issue_payload(updated_at="2026-11-02T10:05:00Z"))
+    assert human_activity(later, trails[1]) is later  # something after the bot's comment: not explained by it
 
 
 def test_helpers() -> None:
@@ -618,6 +654,7 @@ def test_incremental_sync_reads_only_the_head_and_idle_sync_is_one_304_per_repo(
     assert (result.upserts.inserted, result.upserts.updated) == (1, 1)
     assert [(r.path, r.status) for r in env.log(None)] == [
         ("/repos/acme/api/issues", 200),
+        ("/repos/acme/api/issues/comments", 200),  # who wrote the new comments: one listing per changed repo
         ("/repos/acme/web/issues", 304),
     ]
     assert env.tasks()["acme/api#7"].title == "renamed"
@@ -984,6 +1021,48 @@ def test_pull_requests_are_skipped_but_their_fixes_count_as_activity(env: Env) -
     assert again.ok
     with env.store.transaction() as s:
         assert len(s.scalars(select(TaskEvent).where(TaskEvent.field == "activity")).all()) == 1
+
+
+def test_comments_by_bots_or_trackloop_are_not_activity_and_cost_one_listing_per_changed_repo(env: Env) -> None:
+    old = T0 - timedelta(days=20)
+    for n in range(1, 6):
+        env.gh.add_issue("acme/api", title=f"task {n}", labels=["in progress"], created_at=old - timedelta(days=9))
+        env.gh.add_comment("acme/api", n, "on it", user="alice-k", created_at=old)
+    env.gh.add_issue("acme/api", title="Speed up login", pull_request=True, body="Fixes #5", user="bob",
+                     created_at=old, updated_at=old)
+    assert env.run(bots=["ci-runner"]).ok  # first crawl: ages from GitHub's own timestamps
+    assert {t.last_activity_at for t in env.tasks().values()} == {old}
+    env.tick(hours=1)
+    env.gh.add_comment("acme/api", 1, "This issue is stale.", user="stale[bot]")
+    env.gh.add_comment("acme/api", 2, "Still on track? <!-- trackloop:stale:acme/api#2 -->", user="trackloop-bot")
+    env.gh.add_comment("acme/api", 3, "build passed", user="ci-runner")
+    env.gh.add_comment("acme/api", 4, "done tomorrow", user="alice-k")
+    env.gh.add_comment("acme/api", 6, "Deploy preview ready", user="netlify[bot]")  # on the PR that fixes #5
+    env.gh.reset_log()
+    result = env.run(bots=["ci-runner"])
+    assert result.ok, result.error and result.upserts.updated == 4
+    [listing, comments, web] = env.log()
+    assert (listing.path, comments.path, web.status) == ("/repos/acme/api/issues", "/repos/acme/api/issues/comments",
+                                                         304)
+    assert comments.query == {"since": [format_since(T0 - timedelta(minutes=5))], "sort": ["updated"],
+                              "direction": ["desc"], "per_page": ["100"]}
+    tasks = env.tasks()
+    assert tasks["acme/api#4"].last_activity_at == env.clock.now  # a person's comment is activity
+    for quiet in ("acme/api#1", "acme/api#2", "acme/api#3", "acme/api#5"):
+        assert tasks[quiet].last_activity_at == old, quiet  # #5 through its pull request's bot comment
+    assert all(tasks[f"acme/api#{n}"].updated_at > old for n in (1, 2, 3))  # GitHub did move their update time
+    types = rule_types()
+    config = {rid: cls.config_model(enabled=False) for rid, cls in types.items()}
+    config["stale_status"] = types["stale_status"].config_model()
+    with env.store.transaction() as s:
+        RulesEngine(build_rules(types, config), clock=lambda: env.clock.now).run(s)
+    with env.store.transaction() as s:
+        stale = {v.task.external_id for v in open_findings(s, rule="stale_status")}
+    assert stale == {"acme/api#1", "acme/api#2", "acme/api#3", "acme/api#5"}
+    env.tick(hours=1)
+    env.gh.add_comment("acme/api", 1, "picking this up", user="bob")
+    assert env.run(bots=["ci-runner"]).ok
+    assert env.tasks()["acme/api#1"].last_activity_at == env.clock.now
 
 
 def test_included_pull_requests_relate_to_the_issues_they_fix(lite: Env) -> None:
