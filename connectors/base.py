@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -83,6 +83,54 @@ class Confirmed:
 
     gone: frozenset[str] = frozenset()  # deleted or moved away: the engine cancels these
     found: Sequence[TaskRecord] = ()  # still there after all (the listing skipped them): upserted
+
+
+# A comment sets its task's update time to (about) its own; a source's clocks agree this well.
+COMMENT_SLACK = timedelta(seconds=5)
+
+
+def bot_names(bots: Collection[str]) -> frozenset[str]:
+    """The configured `bots`, trimmed and lower-cased for comparison with logins and account ids."""
+    return frozenset(b.strip().lower() for b in bots if b.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class CommentTrail:
+    """Who wrote a task's newest comments, as far as a connector saw them."""
+
+    latest: datetime  # when its newest comment was written (or last edited)
+    by_bot: bool  # whether a bot, a configured bot account or trackloop's own account wrote that one
+    human: datetime | None = None  # when its newest comment by a person was written
+
+
+def comment_trail(comments: Iterable[tuple[datetime, bool]]) -> CommentTrail | None:
+    """The trail of (time, written by a bot) pairs in any order; None without any."""
+    latest: tuple[datetime, bool] | None = None
+    human: datetime | None = None
+    for at, by_bot in comments:
+        if latest is None or at > latest[0]:
+            latest = (at, by_bot)
+        if not by_bot and (human is None or at > human):
+            human = at
+    return None if latest is None else CommentTrail(latest[0], latest[1], human)
+
+
+def bot_explained(updated_at: datetime | None, trail: CommentTrail | None) -> bool:
+    """Whether a task's `updated_at` is its newest comment's, and a bot wrote that comment."""
+    return (
+        trail is not None and trail.by_bot and updated_at is not None
+        and abs(updated_at - trail.latest) <= COMMENT_SLACK
+    )  # fmt: skip
+
+
+def human_activity(record: TaskRecord, trail: CommentTrail | None) -> TaskRecord:
+    """`record` with an update that a bot's comment explains left out of its activity: the newest
+    human comment seen, else the task's creation, stands in (the store keeps a later stored time;
+    it reads a missing `last_activity_at` as `updated_at`, so None is never the answer here)."""
+    if not bot_explained(record.updated_at, trail):
+        return record
+    times = [t for t in (trail.human if trail else None, record.created_at) if t is not None]
+    return replace(record, last_activity_at=max(times) if times else record.last_activity_at)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

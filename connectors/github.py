@@ -32,7 +32,7 @@ import math
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -43,7 +43,17 @@ from github.GithubException import BadCredentialsException, RateLimitExceededExc
 from github.Requester import Requester
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from connectors.base import Confirmed, Connector, ConnectorConfig, parse_retry_after
+from connectors.base import (
+    CommentTrail,
+    Confirmed,
+    Connector,
+    ConnectorConfig,
+    bot_explained,
+    bot_names,
+    comment_trail,
+    human_activity,
+    parse_retry_after,
+)
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, RateLimited, TransientError
 from store.canonical import (
     Action,
@@ -83,7 +93,6 @@ DEFAULT_STATUS_LABELS: dict[str, list[str]] = {
 }
 
 _ISSUE_URL = re.compile(r"/issues/(\d+)$")
-BOT_SLACK = timedelta(seconds=5)  # a comment sets its issue's `updated_at` to (about) its own time
 _REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/(?:\*|[A-Za-z0-9._-]{1,100})$")
 
 
@@ -215,7 +224,7 @@ class MappingRules:
             priority_labels=config.priority_labels,
             status_labels=config.status_labels,
             verified_labels=tuple(config.verified_labels),
-            bots=frozenset(b.lower() for b in config.bots),
+            bots=bot_names(config.bots),
             max_body_bytes=config.max_body_bytes,
         )
 
@@ -478,15 +487,6 @@ def _unique_links(links: list[LinkRecord]) -> list[LinkRecord]:
     return list(dict.fromkeys(links))
 
 
-@dataclass(frozen=True, slots=True)
-class CommentTrail:
-    """One issue's recent comments, as the repository's comment listing shows them."""
-
-    latest: datetime  # `updated_at` of its newest comment
-    by_bot: bool  # whether a bot or trackloop's own account wrote that comment
-    human: datetime | None = None  # `updated_at` of its newest comment by a person
-
-
 def comment_trails(
     comments: Iterable[Any], rules: MappingRules | None = None, own: str | None = None
 ) -> dict[int, CommentTrail]:
@@ -495,7 +495,7 @@ def comment_trails(
     its login ends in "[bot]", its `user.type` is "Bot", the login is in `bots` or is `own` (the
     token's account, when known), or it carries trackloop's marker (its own follow-up)."""
     rules = rules or MappingRules()
-    trails: dict[int, CommentTrail] = {}
+    seen: dict[int, list[tuple[datetime, bool]]] = {}
     for comment in comments:
         if not isinstance(comment, Mapping):
             continue
@@ -504,42 +504,18 @@ def comment_trails(
             at = parse_time(comment.get("updated_at")) or parse_time(comment.get("created_at"))
         except ValueError:
             continue
-        if match is None or at is None:
-            continue
-        bot = _by_bot(comment, rules, own)
-        number = int(match.group(1))
-        trail = trails.get(number)
-        latest, by_bot = (at, bot) if trail is None or at > trail.latest else (trail.latest, trail.by_bot)
-        human = trail.human if trail is not None else None
-        if not bot and (human is None or at > human):
-            human = at
-        trails[number] = CommentTrail(latest, by_bot, human)
-    return trails
+        if match is not None and at is not None:
+            seen.setdefault(int(match.group(1)), []).append((at, _by_bot(comment, rules, own)))
+    return {number: trail for number, pairs in seen.items() if (trail := comment_trail(pairs))}
 
 
 def _by_bot(comment: Mapping[str, Any], rules: MappingRules, own: str | None) -> bool:
+    """Whether a bot, a configured bot account or trackloop (by its account or its marker) wrote `comment`."""
     user = comment.get("user") if isinstance(comment.get("user"), Mapping) else {}
     login = _login(user)
     if rules.is_bot(login) or user.get("type") == "Bot" or _OWN_MARKER.search(str(comment.get("body"))):
         return True
     return bool(own and login and login.lower() == own.lower())
-
-
-def bot_explained(updated_at: datetime | None, trail: CommentTrail | None) -> bool:
-    """Whether an issue's `updated_at` is its newest comment's, and a bot wrote that comment."""
-    return (
-        trail is not None and trail.by_bot and updated_at is not None
-        and abs(updated_at - trail.latest) <= BOT_SLACK
-    )  # fmt: skip
-
-
-def human_activity(record: TaskRecord, trail: CommentTrail | None) -> TaskRecord:
-    """`record` with an update that a bot's comment explains left out of its activity: the newest
-    human comment seen, else the issue's creation, stands in; the store keeps a later stored time."""
-    if not bot_explained(record.updated_at, trail):
-        return record
-    times = [t for t in (trail.human if trail else None, record.created_at) if t is not None]
-    return replace(record, last_activity_at=max(times) if times else None)
 
 
 def pull_request_activities(

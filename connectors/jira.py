@@ -52,7 +52,15 @@ from dateutil import parser as dateparser
 from jira import JIRA, JIRAError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from connectors.base import Connector, ConnectorConfig, parse_retry_after
+from connectors.base import (
+    CommentTrail,
+    Connector,
+    ConnectorConfig,
+    bot_names,
+    comment_trail,
+    human_activity,
+    parse_retry_after,
+)
 from connectors.errors import (
     AuthError,
     ConnectorError,
@@ -87,11 +95,12 @@ SERVER_PAGE_MAX = 1000
 COMMENT_PAGE = 100
 
 # Only the fields the mapping reads. `timeoriginalestimate`/`timeestimate`/`timespent` rather than
-# `timetracking`, which search results do not reliably carry.
+# `timetracking`, which search results do not reliably carry; `comment` tells whether a bot's
+# comment was the latest change (no request per issue).
 SEARCH_FIELDS: tuple[str, ...] = (
     "summary", "description", "status", "statuscategorychangedate", "resolution", "resolutiondate",
     "issuetype", "assignee", "reporter", "priority", "duedate", "labels", "parent", "subtasks",
-    "issuelinks", "timeoriginalestimate", "timeestimate", "timespent", "created", "updated",
+    "issuelinks", "timeoriginalestimate", "timeestimate", "timespent", "created", "updated", "comment",
 )  # fmt: skip
 
 CATEGORY_STATUS: dict[str, Status] = {
@@ -625,6 +634,43 @@ def issue_to_record(raw: Mapping[str, Any], config: JiraConfig, *, cloud: bool) 
     )
 
 
+def comment_trail_of(fields: Mapping[str, Any], accounts: frozenset[str]) -> CommentTrail | None:
+    """Who wrote the issue's newest comments, from its `comment` field (`{"comments": [...],
+    "total": N, ...}`, oldest first). A comment is a bot's when the account that wrote it (or last
+    edited it) is a Cloud app (`accountType` "app", e.g. Automation for Jira), is in `accounts`
+    (lower-cased accountIds, usernames, keys or emails), or the comment carries trackloop's marker.
+    None when the field is missing, or holds fewer comments than `total` (the newest are cut off)."""
+    page = fields.get("comment")
+    comments = page.get("comments") if isinstance(page, Mapping) else None
+    if not isinstance(comments, list):
+        return None
+    total = page.get("total") if isinstance(page, Mapping) else None
+    if isinstance(total, int) and total > len(comments):
+        return None
+    pairs: list[tuple[datetime, bool]] = []
+    for comment in comments:
+        if not isinstance(comment, Mapping):
+            continue
+        try:
+            at = parse_stamp(comment.get("updated")) or parse_stamp(comment.get("created"))
+        except PayloadError:
+            continue
+        if at is None:
+            continue
+        writer = comment.get("updateAuthor") or comment.get("author")
+        pairs.append((at, _automated(writer, accounts) or _carries_marker(comment_text(comment.get("body")))))
+    return comment_trail(pairs)
+
+
+def _automated(user: Any, accounts: frozenset[str]) -> bool:
+    if not isinstance(user, Mapping):
+        return False  # anonymous, or a deleted account: nothing says it was a bot
+    if user.get("accountType") == "app":
+        return True
+    ids = (user.get("accountId"), user.get("name"), user.get("key"), user.get("emailAddress"))
+    return any(isinstance(value, str) and value.lower() in accounts for value in ids)
+
+
 # -- push: comment bodies and the idempotency marker -----------------------------------------------
 
 
@@ -637,7 +683,18 @@ def marker_for(action_key: str) -> str:
 
 
 def has_marker(text: str, marker: str) -> bool:
-    return any(line.strip().strip("{}[]()").strip() == marker for line in text.splitlines())
+    return any(_marker_line(line) == marker for line in text.splitlines())
+
+
+def _carries_marker(text: str) -> bool:
+    """Whether a comment's last line is a trackloop marker, as trackloop's own follow-ups end."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = _marker_line(lines[-1]) if lines else ""
+    return last.startswith(MARKER_PREFIX) and bool(_MARKER_SAFE.fullmatch(last[len(MARKER_PREFIX) :]))
+
+
+def _marker_line(line: str) -> str:
+    return line.strip().strip("{}[]()").strip()
 
 
 _WIKI_SPECIAL = re.compile(r"([\\{}\[\]*_+^~|!])")
@@ -903,10 +960,11 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         known = set(prior.projects) if prior is not None else set()
         listing = _Listing(prior.updated_ms if usable and prior is not None else None, to_ms(self.now()))
         jql = search_jql(self.config.jql, since)
+        accounts = self._automated_accounts()
         for issues, last in self._search(client, deployment, jql, listing):
             records = []
             for raw in issues:
-                record, updated_ms, key = self._read(raw, deployment == "cloud")
+                record, updated_ms, key = self._read(raw, deployment == "cloud", accounts)
                 listing.saw(key, updated_ms, readable=record is not None)
                 if record is not None:
                     records.append(record)
@@ -969,8 +1027,18 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             if last:
                 return
 
-    def _read(self, raw: Any, cloud: bool) -> tuple[TaskRecord | None, int | None, str | None]:
-        """(record or None if unreadable, its `updated` in epoch ms, its key)."""
+    def _automated_accounts(self) -> frozenset[str]:
+        """The configured `bots` and what names the connector's own account without asking Jira:
+        its sign-in name (the username on Server/DC, the email on Cloud) and, once a push has
+        asked `/myself`, its accountId or username."""
+        own = [self._me or "", (self.config.email or "") if self.config.auth == "basic" else ""]
+        return bot_names([*self.config.bots, *own])
+
+    def _read(
+        self, raw: Any, cloud: bool, accounts: frozenset[str]
+    ) -> tuple[TaskRecord | None, int | None, str | None]:
+        """(record or None if unreadable, its `updated` in epoch ms, its key); an update that a
+        comment by one of `accounts` (or another bot) explains is not activity."""
         key = raw.get("key") if isinstance(raw, Mapping) else None
         key = key if isinstance(key, str) and _ISSUE_KEY.fullmatch(key) else None
         updated_ms = None
@@ -978,7 +1046,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             fields = raw.get("fields") if isinstance(raw, Mapping) else None
             updated = parse_stamp(fields.get("updated")) if isinstance(fields, Mapping) else None
             updated_ms = to_ms(updated) if updated else None
-            return issue_to_record(raw, self.config, cloud=cloud), updated_ms, key
+            record = issue_to_record(raw, self.config, cloud=cloud)
+            return human_activity(record, comment_trail_of(raw["fields"], accounts)), updated_ms, key
         except (PayloadError, KeyError, TypeError, ValueError, AttributeError) as exc:
             self.log.warning("jira connector %r: issue %s skipped: %s", self.name, key or "(no key)", exc)
             return None, updated_ms, key

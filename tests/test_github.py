@@ -21,6 +21,7 @@ import requests
 import responses
 from sqlalchemy import select
 
+from connectors.base import human_activity
 from connectors.errors import AuthError, ConnectorError, PushError, RateLimited, TransientError
 from connectors.github import (
     GithubConfig,
@@ -33,7 +34,6 @@ from connectors.github import (
     closing_refs,
     comment_trails,
     format_since,
-    human_activity,
     issue_record,
     marker_for,
     parse_external_id,
