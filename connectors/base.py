@@ -52,7 +52,8 @@ class ConnectorConfig(BaseModel):
     )
     bots: list[str] = Field(
         default_factory=list,
-        description="Account names or ids in this source whose changes never count as human activity.",
+        description="Account names or ids in this source whose comments and posts never count as human "
+        "activity (edits the source does not attribute still do; see README).",
     )
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Back-off for transient faults.")
 

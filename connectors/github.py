@@ -16,6 +16,10 @@ Cost model, per repository and sync:
   numbers agree). An issue updated mid-crawl moves to the front and shifts older ones down, which
   can only repeat an issue (an upsert), never skip one; it is picked up by the next crawl, whose
   `since` is this crawl's start time.
+- A crawl of a repository that changed since an earlier crawl also reads the repository's
+  comments updated since then, newest first, in one request per 100 comments, to tell an update
+  that is a bot's (or trackloop's) comment from a person's; the issue listing does not say who
+  made a change.
 - A crawl that stops half-way (rate limit, crash, a failing page) resumes at the page after the
   last committed one; the ETag is saved only with the page that ends the crawl.
 - `owner/*` costs the owner's repository listing too, but only every `repos_refresh` (and on
