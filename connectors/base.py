@@ -13,9 +13,9 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 from tenacity.stop import stop_base
 
-from connectors.errors import PushError, TransientError
-from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState
+from connectors.errors import PushError, RateLimited, TransientError
+from store.canonical import Action, CheckResult, Cursor, CursorT, Page, PushResult, SyncState, TaskRecord
 from store.durations import Duration
 
 T = TypeVar("T")
@@ -54,7 +54,8 @@ class ConnectorConfig(BaseModel):
     )
     bots: list[str] = Field(
         default_factory=list,
-        description="Account names or ids in this source whose changes never count as human activity.",
+        description="Account names or ids in this source whose comments and posts never count as human "
+        "activity (edits the source does not attribute still do; see README).",
     )
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Back-off for transient faults.")
 
@@ -77,6 +78,62 @@ class RequestStats:
     not_modified: int = 0
     retries: int = 0
     rate_limit_remaining: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """A connector's verdict on the tasks a complete listing of a scope lacked."""
+
+    gone: frozenset[str] = frozenset()  # deleted or moved away: the engine cancels these
+    found: Sequence[TaskRecord] = ()  # still there after all (the listing skipped them): upserted
+
+
+# A comment sets its task's update time to (about) its own; a source's clocks agree this well.
+COMMENT_SLACK = timedelta(seconds=5)
+
+
+def bot_names(bots: Collection[str]) -> frozenset[str]:
+    """The configured `bots`, trimmed and lower-cased for comparison with logins and account ids."""
+    return frozenset(b.strip().lower() for b in bots if b.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class CommentTrail:
+    """Who wrote a task's newest comments, as far as a connector saw them."""
+
+    latest: datetime  # when its newest comment was written (or last edited)
+    by_bot: bool  # whether a bot, a configured bot account or trackloop's own account wrote that one
+    human: datetime | None = None  # when its newest comment by a person was written
+
+
+def comment_trail(comments: Iterable[tuple[datetime, bool]]) -> CommentTrail | None:
+    """The trail of (time, written by a bot) pairs in any order; None without any."""
+    latest: tuple[datetime, bool] | None = None
+    human: datetime | None = None
+    for at, by_bot in comments:
+        if latest is None or at > latest[0]:
+            latest = (at, by_bot)
+        if not by_bot and (human is None or at > human):
+            human = at
+    return None if latest is None else CommentTrail(latest[0], latest[1], human)
+
+
+def bot_explained(updated_at: datetime | None, trail: CommentTrail | None) -> bool:
+    """Whether a task's `updated_at` is its newest comment's, and a bot wrote that comment."""
+    return (
+        trail is not None and trail.by_bot and updated_at is not None
+        and abs(updated_at - trail.latest) <= COMMENT_SLACK
+    )  # fmt: skip
+
+
+def human_activity(record: TaskRecord, trail: CommentTrail | None) -> TaskRecord:
+    """`record` with an update that a bot's comment explains left out of its activity: the newest
+    human comment seen, else the task's creation, stands in (the store keeps a later stored time;
+    it reads a missing `last_activity_at` as `updated_at`, so None is never the answer here)."""
+    if not bot_explained(record.updated_at, trail):
+        return record
+    times = [t for t in (trail.human if trail else None, record.created_at) if t is not None]
+    return replace(record, last_activity_at=max(times) if times else record.last_activity_at)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -164,6 +221,15 @@ class Connector(ABC, Generic[ConfigT, CursorT]):
     def check(self) -> CheckResult:
         """One cheap call that tells `trackloop doctor` whether the connector can work."""
 
+    def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
+        """Which open tasks of `scope` that its complete listing lacked are really gone; asked before
+        they are cancelled, only about those. The default trusts the listing: all of them."""
+        return Confirmed(gone=frozenset(external_ids))
+
+    def restore(self, cursor: CursorT | None) -> None:
+        """The cursor the last sync saved, handed to a connector that pushes or checks without
+        pulling, so it can reuse what a sync learnt (Jira: its deployment); the default needs none."""
+
     def translate_errors(self) -> AbstractContextManager[Any]:
         """Map the client library's exceptions to `connectors.errors`; override per connector."""
         return nullcontext()
@@ -201,6 +267,17 @@ class Connector(ABC, Generic[ConfigT, CursorT]):
             reraise=True,
         )
         return retrying(self._translated, fn, *args, **kwargs)
+
+    def throttled(self, message: str, retry_after: float | None) -> TransientError:
+        """A rate-limit answer as an error: retried when its `Retry-After` fits `retry.max_wait`, else
+        `RateLimited`, which stops the sync cleanly instead of asking again while still limited."""
+        if retry_after is not None and retry_after > self.config.retry.max_wait.total_seconds():
+            return RateLimited(
+                f"{message}; rate limited for {retry_after:.0f}s",
+                reset_at=self.now() + timedelta(seconds=retry_after),
+                retry_after=retry_after,
+            )
+        return TransientError(message, retry_after=retry_after)
 
     def once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a write exactly once, translated; the outbox is the only retry layer for writes."""

@@ -16,10 +16,16 @@ Cost model, per repository and sync:
   numbers agree). An issue updated mid-crawl moves to the front and shifts older ones down, which
   can only repeat an issue (an upsert), never skip one; it is picked up by the next crawl, whose
   `since` is this crawl's start time.
+- A crawl of a repository that changed since an earlier crawl also reads the repository's
+  comments updated since then, newest first, in one request per 100 comments, to tell an update
+  that is a bot's (or trackloop's) comment from a person's; the issue listing does not say who
+  made a change.
 - A crawl that stops half-way (rate limit, crash, a failing page) resumes at the page after the
   last committed one; the ETag is saved only with the page that ends the crawl.
-- `owner/*` costs the owner's repository listing too, conditional on its ETag, its result cached
-  in the cursor: one more 304 per owner and sync when nothing changed.
+- `owner/*` costs the owner's repository listing too, but only every `repos_refresh` (and on
+  `--full`): the result is cached in the cursor, and the listing is conditional on its ETag. An
+  org's listing changes whenever one of its repositories is pushed to, so asking every run would
+  turn the idle sync's free 304s into a paid 200 per owner.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +47,17 @@ from github.GithubException import BadCredentialsException, RateLimitExceededExc
 from github.Requester import Requester
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from connectors.base import Connector, ConnectorConfig, parse_retry_after
+from connectors.base import (
+    CommentTrail,
+    Confirmed,
+    Connector,
+    ConnectorConfig,
+    bot_explained,
+    bot_names,
+    comment_trail,
+    human_activity,
+    parse_retry_after,
+)
 from connectors.errors import AuthError, ConnectorError, PayloadError, PushError, RateLimited, TransientError
 from store.canonical import (
     Action,
@@ -68,6 +84,7 @@ MAX_PAGES = 100  # a listing that never ends is a bug somewhere, not a reason to
 MAPPING_VERSION = 1  # bump when the mapping changes, so stored tasks are re-read once
 GHOST = "ghost"  # GitHub's stand-in login for deleted accounts
 MARKER = "<!-- trackloop:{key} -->"
+_OWN_MARKER = re.compile(r"<!-- trackloop:\S+ -->")
 
 DEFAULT_PRIORITY_LABELS: dict[str, list[str]] = {
     "high": ["priority:high", "p1", "urgent"],
@@ -79,6 +96,7 @@ DEFAULT_STATUS_LABELS: dict[str, list[str]] = {
     "blocked": ["blocked"],
 }
 
+_ISSUE_URL = re.compile(r"/issues/(\d+)$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/(?:\*|[A-Za-z0-9._-]{1,100})$")
 
 
@@ -120,6 +138,11 @@ class GithubConfig(ConnectorConfig):
     overlap: Duration = Field(
         timedelta(minutes=5),
         description="How far before the last crawl's start an incremental crawl reaches back (clock skew).",
+    )
+    repos_refresh: Duration = Field(
+        timedelta(hours=1),
+        description='How often an "owner/*" pattern re-lists the owner\'s repositories (always on --full); '
+        "in between, the cached list is used and costs no request.",
     )
     min_remaining: int = Field(
         50, ge=0, description="Stop the sync (and resume next run) when fewer API requests than this remain."
@@ -179,6 +202,7 @@ class OwnerListing(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["orgs", "users"] = "orgs"
     repos: list[str] = Field(default_factory=list)
+    listed_at: datetime | None = None  # when GitHub last confirmed the list (200 or 304)
 
 
 class GithubCursor(Cursor):
@@ -205,7 +229,7 @@ class MappingRules:
             priority_labels=config.priority_labels,
             status_labels=config.status_labels,
             verified_labels=tuple(config.verified_labels),
-            bots=frozenset(b.lower() for b in config.bots),
+            bots=bot_names(config.bots),
             max_body_bytes=config.max_body_bytes,
         )
 
@@ -468,10 +492,42 @@ def _unique_links(links: list[LinkRecord]) -> list[LinkRecord]:
     return list(dict.fromkeys(links))
 
 
+def comment_trails(
+    comments: Iterable[Any], rules: MappingRules | None = None, own: str | None = None
+) -> dict[int, CommentTrail]:
+    """Per issue number, the newest comment and the newest human one among `comments` (a page or
+    more of `GET /repos/{owner}/{repo}/issues/comments`, in any order). A comment is a bot's when
+    its login ends in "[bot]", its `user.type` is "Bot", the login is in `bots` or is `own` (the
+    token's account, when known), or it carries trackloop's marker (its own follow-up)."""
+    rules = rules or MappingRules()
+    seen: dict[int, list[tuple[datetime, bool]]] = {}
+    for comment in comments:
+        if not isinstance(comment, Mapping):
+            continue
+        match = _ISSUE_URL.search(str(comment.get("issue_url") or ""))
+        try:
+            at = parse_time(comment.get("updated_at")) or parse_time(comment.get("created_at"))
+        except ValueError:
+            continue
+        if match is not None and at is not None:
+            seen.setdefault(int(match.group(1)), []).append((at, _by_bot(comment, rules, own)))
+    return {number: trail for number, pairs in seen.items() if (trail := comment_trail(pairs))}
+
+
+def _by_bot(comment: Mapping[str, Any], rules: MappingRules, own: str | None) -> bool:
+    """Whether a bot, a configured bot account or trackloop (by its account or its marker) wrote `comment`."""
+    user = comment.get("user") if isinstance(comment.get("user"), Mapping) else {}
+    login = _login(user)
+    if rules.is_bot(login) or user.get("type") == "Bot" or _OWN_MARKER.search(str(comment.get("body"))):
+        return True
+    return bool(own and login and login.lower() == own.lower())
+
+
 def pull_request_activities(
-    payload: Mapping[str, Any], rules: MappingRules | None = None
+    payload: Mapping[str, Any], rules: MappingRules | None = None, trail: CommentTrail | None = None
 ) -> list[ActivityRecord]:
-    """A pull request that says "fixes #N" is activity on #N at the PR's `updated_at` (bots' are not)."""
+    """A pull request that says "fixes #N" is activity on #N at the PR's `updated_at`; bots' PRs
+    are not, and a bot's comment on the PR moves that time back to its newest human comment."""
     rules = rules or MappingRules()
     if not is_pull_request(payload):
         return []
@@ -479,6 +535,8 @@ def pull_request_activities(
     if rules.is_bot(author):
         return []
     at = parse_time(payload.get("updated_at"))
+    if bot_explained(at, trail):
+        at = trail.human if trail is not None else None
     body = payload.get("body") if isinstance(payload.get("body"), str) else ""
     if at is None or not body:
         return []
@@ -526,6 +584,10 @@ def next_link(link_header: str | None) -> str | None:
 
 
 # -- the connector ----------------------------------------------------------------------------
+class _Gone(PayloadError):
+    """404 or 410: the issue (or repository) is not there."""
+
+
 @dataclass(slots=True)
 class _Answer:
     status: int
@@ -650,7 +712,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         secondary = isinstance(exc, RateLimitExceededException) or (status == 403 and retry_after is not None)
         if status == 429 or secondary:
             wait = 60.0 if retry_after is None else retry_after  # GitHub: wait at least a minute
-            return TransientError(f"GitHub secondary rate limit ({text})", retry_after=wait)
+            return self.throttled(f"GitHub secondary rate limit ({text})", wait)
         if status == 403 and "locked" in message.lower():
             return PayloadError(f"GitHub answered {text}")  # a locked issue takes no comments
         if status == 403:
@@ -660,6 +722,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             )
         if status >= 500:
             return TransientError(f"GitHub answered {text}", retry_after=retry_after)
+        if status in (404, 410):
+            return _Gone(f"GitHub answered {text}")
         return PayloadError(f"GitHub answered {text}")
 
     def _reset_from(self, headers: Mapping[str, str]) -> datetime | None:
@@ -806,9 +870,14 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
         work: _Work,
         validators: Mapping[str, str],
     ) -> tuple[list[str], Page[GithubCursor] | None]:
-        """Repositories of `owner`, from its listing (one 304 when unchanged) or the cached result."""
+        """Repositories of `owner`: the cached list until `repos_refresh` has passed, then the
+        listing (one 304 when unchanged, which still has to be saved as the new `listed_at`)."""
         key = f"repos:{owner}"
         cached = work.owners.get(owner)
+        now = self.now()
+        if cached is not None and cached.listed_at is not None and not state.full:
+            if now - cached.listed_at < self.config.repos_refresh:
+                return list(cached.repos), None
         etag = validators.get(key) if cached is not None and not state.full else None
         kinds: list[Literal["orgs", "users"]] = [cached.kind] if cached else ["orgs", "users"]
         for kind in kinds:
@@ -825,7 +894,8 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                     continue  # not an organization: try the user's repositories
                 raise
             if first.status == 304 and cached is not None:
-                return list(cached.repos), None
+                work.owners[owner] = cached.model_copy(update={"listed_at": now})
+                return list(cached.repos), Page(cursor=work.snapshot(_unique([*work.repos, *cached.repos])))
             items: list[Any] = list(first.data or [])
             answer = first
             for _ in range(MAX_PAGES):  # follow Link: it survives a redirect that drops our query
@@ -842,7 +912,7 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                     continue
                 names.append(item["full_name"].lower())
             names.sort()
-            work.owners[owner] = OwnerListing(kind=kind, repos=names)
+            work.owners[owner] = OwnerListing(kind=kind, repos=names, listed_at=now)
             # no pruning yet: repositories of later patterns keep their cursors
             page = Page(cursor=work.snapshot(_unique([*work.repos, *names])), validators={key: first.etag})
             return names, page
@@ -867,9 +937,11 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             self.log.info("%s: resuming %s at page %d", self.name, repo, page_no)
         else:
             started, page_no, head_etag = self.now(), 1, ""
-        # Only a listing read from its first page to its last in this run may cancel what it lacks.
+        # Only a listing read from its first page to its last in this run, with every item readable,
+        # may cancel what it lacks (and then only what `confirm_missing` finds gone).
         complete = progress is None and threshold is None
         activities: list[ActivityRecord] = []
+        trails: dict[int, CommentTrail] | None = None  # read once, when the listing has changed
         params = {"state": "all", "sort": "updated", "direction": "desc", "per_page": PER_PAGE}
         while True:
             if page_no == 1:
@@ -883,8 +955,11 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                 answer = self._read(path, {**params, **extra})
             if not isinstance(answer.data, list):
                 raise PayloadError(f"{repo}: the issues listing is not a JSON array")
-            tasks, found, oldest = self._map_page(repo, answer.data)
+            if trails is None:
+                trails = self._comment_trails(repo, rc.since - self.config.overlap) if rc.since else {}
+            tasks, found, oldest, skipped = self._map_page(repo, answer.data, trails)
             activities.extend(found)
+            complete = complete and not skipped
             reached = threshold is not None and oldest is not None and oldest < threshold
             if answer.next_url is not None and not reached:
                 progress = CrawlProgress(started=started, page=page_no + 1, etag=head_etag)
@@ -903,8 +978,11 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
             return
 
     def _map_page(
-        self, repo: str, items: list[Any]
-    ) -> tuple[list[TaskRecord], list[ActivityRecord], datetime | None]:
+        self, repo: str, items: list[Any], trails: Mapping[int, CommentTrail]
+    ) -> tuple[list[TaskRecord], list[ActivityRecord], datetime | None, int]:
+        """(tasks, pull-request activities, the oldest `updated_at`, how many items were unreadable);
+        `trails` tell which updates were a bot's comment."""
+        skipped = 0
         tasks: list[TaskRecord] = []
         activities: list[ActivityRecord] = []
         oldest: datetime | None = None
@@ -922,16 +1000,68 @@ class GithubConnector(Connector[GithubConfig, GithubCursor]):
                         f"{repo} answered with issues of {item_repo}: the repository was renamed or moved; "
                         f"update connectors.{self.name}.repos"
                     )
+                trail = trails.get(number) if isinstance(number, int) else None
                 if is_pull_request(item):
-                    activities.extend(pull_request_activities(item, self.rules))
+                    activities.extend(pull_request_activities(item, self.rules, trail))
                     if not self.config.include_pull_requests:
                         continue
-                tasks.append(issue_record(item, self.rules))
+                tasks.append(human_activity(issue_record(item, self.rules), trail))
             except PayloadError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 self.log.warning("%s: %s#%s is unreadable (%s), skipped", self.name, repo, number, exc)
-        return tasks, activities, oldest
+                skipped += 1
+        return tasks, activities, oldest, skipped
+
+    def _comment_trails(self, repo: str, since: datetime) -> dict[int, CommentTrail]:
+        """Who wrote the comments of `repo` updated since `since`, from the repository's comment
+        listing (newest first; one request per 100 comments), so a bot's comment is not activity."""
+        params = {"since": format_since(since), "sort": "updated", "direction": "desc", "per_page": PER_PAGE}
+        answer = self._read(f"/repos/{repo}/issues/comments", params)
+        comments: list[Any] = list(answer.data if isinstance(answer.data, list) else ())
+        for _ in range(MAX_PAGES - 1):
+            if answer.next_url is None:
+                break
+            answer = self._read(answer.next_url)  # Link, not page numbers: a 301 drops the query
+            comments.extend(answer.data if isinstance(answer.data, list) else ())
+        if answer.next_url is not None:
+            self.log.warning("%s: over %d comments on %s since the last crawl; the oldest were not read",
+                             self.name, MAX_PAGES * PER_PAGE, repo)
+        return comment_trails(comments, self.rules, self._login)
+
+    def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
+        """`GET` each issue the complete listing of `scope` lacked: 404, 410 or a move to another
+        repository (PyGithub follows the 301) is gone; one still here was skipped by a page shift
+        (an issue deleted or transferred off an earlier page mid-crawl) and comes back as a record.
+        An issue that cannot be asked about is kept this run."""
+        gone: set[str] = set()
+        found: list[TaskRecord] = []
+        for external_id in sorted(external_ids):
+            repo, number = parse_external_id(external_id)
+            try:
+                answer = self._read(f"/repos/{repo}/issues/{number}")
+            except _Gone:
+                gone.add(external_id)
+                continue
+            except (RateLimited, AuthError) as exc:
+                self.log.warning("%s: cannot confirm what %s lost (%s); kept this run", self.name, scope, exc)
+                break
+            except ConnectorError as exc:
+                self.log.warning("%s: cannot confirm %s is gone (%s); kept this run", self.name, external_id, exc)
+                continue
+            payload = answer.data if isinstance(answer.data, Mapping) else {}
+            try:
+                moved = repo_of(payload) != repo
+                if moved or (is_pull_request(payload) and not self.config.include_pull_requests):
+                    gone.add(external_id)
+                else:
+                    found.append(issue_record(payload, self.rules))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                self.log.warning("%s: %s is unreadable (%s); kept this run", self.name, external_id, exc)
+        if found:
+            self.log.info("%s: %d issue(s) of %s were missing from the listing but are there", self.name,
+                          len(found), scope)
+        return Confirmed(gone=frozenset(gone), found=tuple(found))
 
     # -- push --------------------------------------------------------------------------------
     def push(self, action: Action) -> PushResult:

@@ -14,7 +14,7 @@ Deployment. Jira Cloud and Server/DC differ in search endpoint, rich-text format
                 assumes Server then).
 
 `deployment = "auto"` asks `serverInfo` once (v3 first: it exists only on Cloud) and stores the
-answer in the cursor; `--full` asks again.
+answer in the cursor; `--full` asks again. Pushes get the stored answer through `restore()`.
 
 Incremental pull. Each run searches `(<configured JQL>) AND updated >= <epoch ms> ORDER BY updated
 ASC, key ASC`. Epoch milliseconds avoid the searching account's time zone; the bound is the newest
@@ -29,11 +29,13 @@ offsets), the cursor is held back to where the shift could have started.
 A listing with no time bound (the first run, a changed JQL, or `--full`) is complete: its last
 page vouches for every project it saw or that earlier listings saw, and the engine marks the
 tasks of those projects that it did not return (deleted, moved out of scope) as `cancelled`.
-A project with an unreadable issue is not vouched for.
+A project with an unreadable issue is not vouched for, and a listing that shifted under the
+pager (the signs above) vouches for nothing: absence there may be an offset's skip.
 
 Push. `comment` actions add a comment whose last line is a small monospace marker,
-`trackloop:<action key>`; before posting, the issue's comments are scanned for that marker, so a
-retry after a lost reply finds the first post instead of posting twice.
+`trackloop:<action key>`; before posting, the issue's comments are scanned for that marker in a
+comment by the bot's own account, so a retry after a lost reply finds the first post instead of
+posting twice.
 """
 
 from __future__ import annotations
@@ -50,13 +52,20 @@ from dateutil import parser as dateparser
 from jira import JIRA, JIRAError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from connectors.base import Connector, ConnectorConfig, parse_retry_after
+from connectors.base import (
+    CommentTrail,
+    Connector,
+    ConnectorConfig,
+    bot_names,
+    comment_trail,
+    human_activity,
+    parse_retry_after,
+)
 from connectors.errors import (
     AuthError,
     ConnectorError,
     PayloadError,
     PushError,
-    RateLimited,
     TransientError,
 )
 from store.canonical import (
@@ -86,11 +95,12 @@ SERVER_PAGE_MAX = 1000
 COMMENT_PAGE = 100
 
 # Only the fields the mapping reads. `timeoriginalestimate`/`timeestimate`/`timespent` rather than
-# `timetracking`, which search results do not reliably carry.
+# `timetracking`, which search results do not reliably carry; `comment` tells whether a bot's
+# comment was the latest change (no request per issue).
 SEARCH_FIELDS: tuple[str, ...] = (
     "summary", "description", "status", "statuscategorychangedate", "resolution", "resolutiondate",
     "issuetype", "assignee", "reporter", "priority", "duedate", "labels", "parent", "subtasks",
-    "issuelinks", "timeoriginalestimate", "timeestimate", "timespent", "created", "updated",
+    "issuelinks", "timeoriginalestimate", "timeestimate", "timespent", "created", "updated", "comment",
 )  # fmt: skip
 
 CATEGORY_STATUS: dict[str, Status] = {
@@ -624,6 +634,43 @@ def issue_to_record(raw: Mapping[str, Any], config: JiraConfig, *, cloud: bool) 
     )
 
 
+def comment_trail_of(fields: Mapping[str, Any], accounts: frozenset[str]) -> CommentTrail | None:
+    """Who wrote the issue's newest comments, from its `comment` field (`{"comments": [...],
+    "total": N, ...}`, oldest first). A comment is a bot's when the account that wrote it (or last
+    edited it) is a Cloud app (`accountType` "app", e.g. Automation for Jira), is in `accounts`
+    (lower-cased accountIds, usernames, keys or emails), or the comment carries trackloop's marker.
+    None when the field is missing, or holds fewer comments than `total` (the newest are cut off)."""
+    page = fields.get("comment")
+    comments = page.get("comments") if isinstance(page, Mapping) else None
+    if not isinstance(comments, list):
+        return None
+    total = page.get("total") if isinstance(page, Mapping) else None
+    if isinstance(total, int) and total > len(comments):
+        return None
+    pairs: list[tuple[datetime, bool]] = []
+    for comment in comments:
+        if not isinstance(comment, Mapping):
+            continue
+        try:
+            at = parse_stamp(comment.get("updated")) or parse_stamp(comment.get("created"))
+        except PayloadError:
+            continue
+        if at is None:
+            continue
+        writer = comment.get("updateAuthor") or comment.get("author")
+        pairs.append((at, _automated(writer, accounts) or _carries_marker(comment_text(comment.get("body")))))
+    return comment_trail(pairs)
+
+
+def _automated(user: Any, accounts: frozenset[str]) -> bool:
+    if not isinstance(user, Mapping):
+        return False  # anonymous, or a deleted account: nothing says it was a bot
+    if user.get("accountType") == "app":
+        return True
+    ids = (user.get("accountId"), user.get("name"), user.get("key"), user.get("emailAddress"))
+    return any(isinstance(value, str) and value.lower() in accounts for value in ids)
+
+
 # -- push: comment bodies and the idempotency marker -----------------------------------------------
 
 
@@ -636,7 +683,18 @@ def marker_for(action_key: str) -> str:
 
 
 def has_marker(text: str, marker: str) -> bool:
-    return any(line.strip().strip("{}[]()").strip() == marker for line in text.splitlines())
+    return any(_marker_line(line) == marker for line in text.splitlines())
+
+
+def _carries_marker(text: str) -> bool:
+    """Whether a comment's last line is a trackloop marker, as trackloop's own follow-ups end."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = _marker_line(lines[-1]) if lines else ""
+    return last.startswith(MARKER_PREFIX) and bool(_MARKER_SAFE.fullmatch(last[len(MARKER_PREFIX) :]))
+
+
+def _marker_line(line: str) -> str:
+    return line.strip().strip("{}[]()").strip()
 
 
 _WIKI_SPECIAL = re.compile(r"([\\{}\[\]*_+^~|!])")
@@ -692,6 +750,7 @@ class _Listing:
         self.mark = mark  # newest `updated` listed (epoch ms) that is safe to resume from
         self.began_ms = began_ms
         self.hold: int | None = None
+        self.moved = False  # the listing shifted under the pager: its absences prove nothing
         self.saved: list[int | None] = []  # the value saved after each page
         self.first_page: dict[str, int] = {}
         self.projects: set[str] = set()
@@ -707,11 +766,13 @@ class _Listing:
                 self.unreadable.add(project)
             first = self.first_page.setdefault(key, page)
             if first < page:
+                self.moved = True
                 self._hold(self.saved[first])
         if updated_ms is not None and updated_ms <= self.began_ms:
             self.mark = updated_ms if self.mark is None else max(self.mark, updated_ms)
 
     def shifted(self) -> None:
+        self.moved = True
         self._hold(self.saved[-1] if self.saved else self._start)
 
     def _hold(self, value: int | None) -> None:
@@ -736,7 +797,9 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._jira: JIRA | None = None
-        self.deployment: Deployment | None = None
+        self.deployment: Deployment | None = None  # what this connector found, kept across close()
+        self._stored: Deployment | None = None  # what the last sync found (`restore`)
+        self._me: str | None = None  # the bot's own identity, from /myself, asked only when needed
         self._scope = jql_digest(self.config.jql)
 
     # -- client ------------------------------------------------------------------------------------
@@ -806,6 +869,13 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         client.close()
         return self._construct(version="2", handshake=False), "server"
 
+    def restore(self, cursor: JiraCursor | None) -> None:
+        """A push or check reuses the deployment the last sync found instead of asking serverInfo."""
+        self._stored = cursor.deployment if cursor is not None else None
+
+    def _known(self) -> Deployment | None:
+        return self.deployment or self._stored
+
     def close(self) -> None:
         if self._jira is not None:
             self._jira.close()
@@ -847,16 +917,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             if remaining is not None and str(remaining).strip().isdigit():
                 self.stats.rate_limit_remaining = int(remaining)
             label = f"HTTP {status}" if status else "no response"
-            if (
-                status == 429
-                and retry_after is not None
-                and retry_after > self.config.retry.max_wait.total_seconds()
-            ):
-                return RateLimited(
-                    f"{where}: rate limited for {retry_after:.0f}s (HTTP 429)",
-                    reset_at=self.now() + timedelta(seconds=retry_after),
-                    retry_after=retry_after,
-                )
+            if status == 429:
+                return self.throttled(f"{where}: Jira answered HTTP 429: {text}", retry_after)
             return TransientError(f"{where}: Jira answered {label}: {text}", retry_after=retry_after)
         if status == 404:
             return _NotFound(f"{where}: not found (HTTP 404) at {self.config.url}: {text}")
@@ -872,7 +934,7 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
     # -- check -------------------------------------------------------------------------------------
     def check(self) -> CheckResult:
         try:
-            client = self.connect()
+            client = self.connect(self._known())
             me = self.call(client.myself)
         except ConnectorError as exc:
             return CheckResult(False, str(exc))
@@ -898,10 +960,11 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         known = set(prior.projects) if prior is not None else set()
         listing = _Listing(prior.updated_ms if usable and prior is not None else None, to_ms(self.now()))
         jql = search_jql(self.config.jql, since)
+        accounts = self._automated_accounts()
         for issues, last in self._search(client, deployment, jql, listing):
             records = []
             for raw in issues:
-                record, updated_ms, key = self._read(raw, deployment == "cloud")
+                record, updated_ms, key = self._read(raw, deployment == "cloud", accounts)
                 listing.saw(key, updated_ms, readable=record is not None)
                 if record is not None:
                     records.append(record)
@@ -912,6 +975,12 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
                 projects=tuple(sorted(known | listing.projects)),
             )
             if not last or since is not None:
+                yield Page(tasks=records, cursor=cursor)
+            elif listing.moved:  # shifted under the pager: an issue at a page edge may be missing
+                self.log.warning(
+                    "jira connector %r: the listing shifted while it was read (an issue was edited or removed "
+                    "mid-run); not cancelling anything this run", self.name,
+                )
                 yield Page(tasks=records, cursor=cursor)
             else:  # a complete listing: vouch for every project it (or an earlier listing) held
                 completed = sorted((known | listing.projects) - listing.unreadable)
@@ -958,8 +1027,18 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             if last:
                 return
 
-    def _read(self, raw: Any, cloud: bool) -> tuple[TaskRecord | None, int | None, str | None]:
-        """(record or None if unreadable, its `updated` in epoch ms, its key)."""
+    def _automated_accounts(self) -> frozenset[str]:
+        """The configured `bots` and what names the connector's own account without asking Jira:
+        its sign-in name (the username on Server/DC, the email on Cloud) and, once a push has
+        asked `/myself`, its accountId or username."""
+        own = [self._me or "", (self.config.email or "") if self.config.auth == "basic" else ""]
+        return bot_names([*self.config.bots, *own])
+
+    def _read(
+        self, raw: Any, cloud: bool, accounts: frozenset[str]
+    ) -> tuple[TaskRecord | None, int | None, str | None]:
+        """(record or None if unreadable, its `updated` in epoch ms, its key); an update that a
+        comment by one of `accounts` (or another bot) explains is not activity."""
         key = raw.get("key") if isinstance(raw, Mapping) else None
         key = key if isinstance(key, str) and _ISSUE_KEY.fullmatch(key) else None
         updated_ms = None
@@ -967,7 +1046,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             fields = raw.get("fields") if isinstance(raw, Mapping) else None
             updated = parse_stamp(fields.get("updated")) if isinstance(fields, Mapping) else None
             updated_ms = to_ms(updated) if updated else None
-            return issue_to_record(raw, self.config, cloud=cloud), updated_ms, key
+            record = issue_to_record(raw, self.config, cloud=cloud)
+            return human_activity(record, comment_trail_of(raw["fields"], accounts)), updated_ms, key
         except (PayloadError, KeyError, TypeError, ValueError, AttributeError) as exc:
             self.log.warning("jira connector %r: issue %s skipped: %s", self.name, key or "(no key)", exc)
             return None, updated_ms, key
@@ -982,7 +1062,7 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             raise PushError(f'{where}: expected an issue key like "OPS-12", got {key!r}', permanent=True)
         marker = marker_for(action.key)
         try:
-            client = self.connect()
+            client = self.connect(self._known())
             earlier = self._find_marker(client, key, marker)
             if earlier is not None:
                 return PushResult(earlier, already_delivered=True)
@@ -995,7 +1075,8 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
         return PushResult(str(comment.id))
 
     def _find_marker(self, client: JIRA, key: str, marker: str) -> str | None:
-        """The id of an earlier comment carrying `marker`, newest first; None if there is none."""
+        """The id of the bot's earlier comment carrying `marker`, newest first; None if there is none
+        (someone quoting the marker does not count)."""
         start, ids = 0, set()
         while True:
             batch = self.call(
@@ -1003,9 +1084,19 @@ class JiraConnector(Connector[JiraConfig, JiraCursor]):
             )
             fresh = [c for c in batch if c.id not in ids]
             for comment in fresh:
-                if has_marker(comment_text(comment.raw.get("body")), marker):
+                mine = has_marker(comment_text(comment.raw.get("body")), marker) and self._is_own(client, comment.raw)
+                if mine:
                     return str(comment.id)
             ids.update(c.id for c in fresh)
             if len(batch) < COMMENT_PAGE or not fresh:
                 return None
             start += len(batch)
+
+    def _is_own(self, client: JIRA, comment: Mapping[str, Any]) -> bool:
+        """Whether the connector's own account wrote `comment` (accountId on Cloud, name on Server/DC)."""
+        cloud = self.deployment == "cloud"
+        if self._me is None:
+            me = identity(self.call(client.myself), cloud=cloud)
+            self._me = me.value if me is not None else ""
+        author = identity(comment.get("author"), cloud=cloud)
+        return author is not None and author.value == self._me

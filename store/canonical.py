@@ -158,8 +158,9 @@ class Page(Generic[CursorT]):
     """A page of records plus the state to save with it, in the same transaction.
 
     `completed_scopes` names scopes whose listing is complete as of this page; the engine
-    marks tasks of those scopes that this run did not see as cancelled (only ever for scopes
-    the connector vouches for, so a half-failed listing never cancels anything).
+    marks tasks of those scopes that this run did not see, and that the connector's
+    `confirm_missing` finds gone, as cancelled (only ever for scopes the connector vouches for,
+    so a half-failed listing never cancels anything).
     """
 
     tasks: Sequence[TaskRecord] = ()

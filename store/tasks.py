@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import marshal
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
@@ -322,15 +322,27 @@ class TaskWriter:
             count += 1
         return count
 
-    def cancel_missing(self, session: Session, scope: str, seen: set[str]) -> int:
+    def missing(self, session: Session, scope: str, seen: set[str]) -> list[str]:
+        """External ids of the tasks of `scope`, cancelled ones aside, that a listing did not return."""
+        rows = session.execute(
+            select(Task.external_id).where(
+                Task.source == self.source, Task.scope == scope, Task.status != Status.CANCELLED.value
+            )
+        ).scalars()
+        return sorted(r for r in rows if r not in seen)
+
+    def cancel_missing(
+        self, session: Session, scope: str, seen: set[str], confirmed: Collection[str] | None = None
+    ) -> int:
         """Mark every task of a fully listed scope that the listing did not return as cancelled,
-        done ones included: a removed row or deleted issue is gone, whatever its last status."""
+        done ones included: a removed row or deleted issue is gone, whatever its last status (of
+        those, only the ones in `confirmed` when the connector was asked)."""
         rows = session.execute(
             select(Task.id, Task.external_id, Task.status).where(
                 Task.source == self.source, Task.scope == scope, Task.status != Status.CANCELLED.value
             )
         ).all()
-        gone = [r for r in rows if r.external_id not in seen]
+        gone = [r for r in rows if r.external_id not in seen and (confirmed is None or r.external_id in confirmed)]
         for row in gone:
             session.execute(
                 update(Task)

@@ -25,6 +25,7 @@ from store.db import Store
 from store.errors import TrackloopError
 from store.models import Finding, OutboxAction, Task
 from store.outbox import claim_due, mark_cancelled, mark_failed, mark_sent
+from store.sync_state import load_state
 from sync.config import AppConfig
 from sync.digests import SMTP_VIA
 from sync.engine import build_connector
@@ -122,7 +123,11 @@ class Deliverer:
         if name not in self._connectors:
             if name not in self.config.connectors:
                 raise PushError(f"connector {name!r} is no longer configured", permanent=True)
-            self._connectors[name] = build_connector(self.config, self.types, name, clock=self.clock)
+            connector = build_connector(self.config, self.types, name, clock=self.clock)
+            with self.store.transaction() as session:
+                row = load_state(session, name)
+                connector.restore(connector.load_cursor(row.cursor) if row is not None else None)
+            self._connectors[name] = connector
         return self._connectors[name]
 
     def close(self) -> None:

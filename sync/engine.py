@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from connectors.base import Connector, RequestStats
+from connectors.base import Confirmed, Connector, RequestStats
 from connectors.errors import RateLimited
 from store.canonical import Page, SyncState
 from store.db import Store
@@ -231,11 +231,12 @@ class SyncEngine:
         for page in connector.pull(state):
             for task in page.tasks:
                 seen[task.scope].add(task.external_id)
+            verdicts = self._confirm(connector, writer, page, seen, transaction)
             try:
                 with transaction() as session:
                     if control is not None:
                         control.check(session, connector.name)
-                    self._write_page(session, writer, connector, page, seen, result)
+                    self._write_page(session, writer, connector, page, seen, verdicts, result)
             except BaseException:
                 resolver.rollback()
                 raise
@@ -247,18 +248,37 @@ class SyncEngine:
                 raise _Interrupted
 
     @staticmethod
+    def _confirm(
+        connector: Connector,  # type: ignore[type-arg]
+        writer: TaskWriter,
+        page: Page,  # type: ignore[type-arg]
+        seen: Mapping[str, set[str]],
+        transaction: Callable[[], Any],
+    ) -> dict[str, Confirmed]:
+        """Ask the connector about the tasks each completed scope's listing lacked (absence alone can
+        be a page shift), before and outside the page's write transaction; only candidates are asked."""
+        if not page.completed_scopes:
+            return {}
+        with transaction() as session:
+            missing = {scope: writer.missing(session, scope, seen.get(scope, set())) for scope in page.completed_scopes}
+        return {scope: connector.confirm_missing(scope, ids) for scope, ids in missing.items() if ids}
+
+    @staticmethod
     def _write_page(
         session: Session,
         writer: TaskWriter,
         connector: Connector,  # type: ignore[type-arg]
         page: Page,  # type: ignore[type-arg]
         seen: Mapping[str, set[str]],
+        verdicts: Mapping[str, Confirmed],
         result: SyncResult,
     ) -> None:
         stats = writer.upsert(session, page.tasks)
         writer.record_activities(session, page.activities)
         for scope in page.completed_scopes:
-            stats.cancelled += writer.cancel_missing(session, scope, seen.get(scope, set()))
+            verdict = verdicts.get(scope, Confirmed())
+            stats.add(writer.upsert(session, verdict.found))
+            stats.cancelled += writer.cancel_missing(session, scope, seen.get(scope, set()), verdict.gone)
         cursor = page.cursor.model_dump(mode="json") if page.cursor is not None else None
         save_progress(session, connector.name, connector.kind, cursor, page.validators)
         result.upserts.add(stats)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
-from connectors.base import Connector, ConnectorConfig
+from connectors.base import Confirmed, Connector, ConnectorConfig
 from connectors.errors import AuthError, RateLimited
 from store.canonical import (
     ActivityRecord,
@@ -103,7 +103,20 @@ class LimitedConnector(FakeConnector):
         raise RateLimited("rate limit spent", reset_at=T0 + timedelta(hours=1))
 
 
-TYPES = {"fake": FakeConnector, "broken": BrokenConnector, "limited": LimitedConnector}
+class DoubtingConnector(FakeConnector):
+    """Asked about what its listing lacked: even ids are gone, 31 is still there (a skipped one)."""
+
+    kind = "doubting"
+    asked: list[tuple[str, list[str]]] = []
+
+    def confirm_missing(self, scope: str, external_ids: Collection[str]) -> Confirmed:
+        DoubtingConnector.asked.append((scope, sorted(external_ids, key=int)))
+        found = [self.record(31)] if "31" in external_ids else []
+        return Confirmed(gone=frozenset(i for i in external_ids if int(i) % 2 == 0), found=found)
+
+
+TYPES = {"fake": FakeConnector, "broken": BrokenConnector, "limited": LimitedConnector,
+         "doubting": DoubtingConnector}
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +124,7 @@ def _reset_fake() -> Iterator[None]:
     FakeConnector.fail_after_pages = None
     FakeConnector.data_version = 0
     FakeConnector.pulls = []
+    DoubtingConnector.asked = []
     yield
 
 
@@ -270,4 +284,20 @@ def test_incremental_listing_never_cancels(db_url: str) -> None:
     SyncEngine(store, config(db_url), TYPES).run()
     [result] = SyncEngine(store, config(db_url, src={"type": "fake", "total": 30}), TYPES).run()
     assert result.upserts.cancelled == 0
+    store.close()
+
+
+def test_the_connector_confirms_absences_before_anything_is_cancelled(db_url: str) -> None:
+    store = Store(db_url)
+    SyncEngine(store, config(db_url, src={"type": "doubting"}), TYPES).run()
+    assert DoubtingConnector.asked == []  # nothing stored yet: nothing to ask about
+    FakeConnector.data_version = 1
+    [result] = SyncEngine(store, config(db_url, src={"type": "doubting", "total": 30}), TYPES).run(full=True)
+    assert DoubtingConnector.asked == [("all", ["30", "31", "32", "33", "34"])]  # only the candidates
+    assert result.upserts.cancelled == 3
+    with store.transaction() as s:
+        rows = {t.external_id: t for t in s.scalars(select(Task).where(Task.external_id.in_(["30", "31", "33"])))}
+        cancelled = s.scalars(select(Task.external_id).where(Task.status == "cancelled")).all()
+        assert sorted(cancelled, key=int) == ["30", "32", "34"]
+        assert rows["31"].title == "task 31 v1" and rows["33"].title == "task 33 v0"  # found: upserted
     store.close()

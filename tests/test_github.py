@@ -21,6 +21,7 @@ import requests
 import responses
 from sqlalchemy import select
 
+from connectors.base import human_activity
 from connectors.errors import AuthError, ConnectorError, PushError, RateLimited, TransientError
 from connectors.github import (
     GithubConfig,
@@ -31,6 +32,7 @@ from connectors.github import (
     blocker_refs,
     cap_body,
     closing_refs,
+    comment_trails,
     format_since,
     issue_record,
     marker_for,
@@ -38,6 +40,8 @@ from connectors.github import (
     pull_request_activities,
     task_list_refs,
 )
+from rules.engine import RulesEngine, build_rules
+from rules.registry import rule_types
 from store.canonical import (
     Action,
     IdentityKind,
@@ -51,6 +55,7 @@ from store.canonical import (
 )
 from store.db import Store
 from store.errors import ConfigError
+from store.findings import open_findings
 from store.models import Person, SyncStateRow, Task, TaskEvent, TaskLink
 from sync.config import AppConfig, parse_config
 from sync.engine import SyncEngine, SyncResult
@@ -332,6 +337,37 @@ def test_pull_requests_relate_and_count_as_activity_unless_a_bot_wrote_them() ->
     assert (
         issue_record(pr_payload(state="closed", closed_at="2011-05-02T00:00:00Z")).status is Status.CANCELLED
     )
+
+
+def test_comment_trails_tell_bots_and_trackloop_from_people() -> None:
+    def comment(number: int, login: str, at: str, kind: str = "User", body: str = "hi") -> dict[str, Any]:
+        return {"issue_url": f"https://api.github.com/repos/acme/api/issues/{number}", "body": body,
+                "user": {"login": login, "type": kind}, "created_at": at, "updated_at": at}
+
+    trails = comment_trails(
+        [
+            comment(1, "stale[bot]", "2026-11-02T10:00:00Z"),
+            comment(1, "alice", "2026-11-01T10:00:00Z"),
+            comment(2, "ci", "2026-11-02T10:00:00Z", kind="Bot"),
+            comment(3, "bob", "2026-11-02T10:00:00Z", body="ping <!-- trackloop:stale:acme/api#3 -->"),
+            comment(4, "alice", "2026-11-02T10:00:00Z"),
+            comment(4, "renovate", "2026-11-02T09:00:00Z"),
+            comment(5, "me", "2026-11-02T10:00:00Z"),
+            {"issue_url": None},
+        ],
+        MappingRules(bots=frozenset({"renovate"})),
+        own="ME",
+    )
+    at = datetime(2026, 11, 2, 10, tzinfo=UTC)
+    assert trails[1].by_bot and trails[1].latest == at and trails[1].human == at - timedelta(days=1)
+    assert trails[2].by_bot and trails[3].by_bot and trails[5].by_bot and trails[2].human is None
+    assert not trails[4].by_bot and trails[4].human == at
+    record = issue_record(issue_payload(updated_at="2026-11-02T10:00:02Z", created_at="2026-10-01T00:00:00Z"))
+    assert human_activity(record, trails[1]).last_activity_at == at - timedelta(days=1)  # the human's comment
+    assert human_activity(record, trails[2]).last_activity_at == datetime(2026, 10, 1, tzinfo=UTC)  # creation
+    assert human_activity(record, trails[4]) is record  # a person wrote the newest comment
+    later = issue_record(issue_payload(updated_at="2026-11-02T10:05:00Z"))
+    assert human_activity(later, trails[1]) is later  # something after the bot's comment: not explained by it
 
 
 def test_helpers() -> None:
@@ -618,6 +654,7 @@ def test_incremental_sync_reads_only_the_head_and_idle_sync_is_one_304_per_repo(
     assert (result.upserts.inserted, result.upserts.updated) == (1, 1)
     assert [(r.path, r.status) for r in env.log(None)] == [
         ("/repos/acme/api/issues", 200),
+        ("/repos/acme/api/issues/comments", 200),  # who wrote the new comments: one listing per changed repo
         ("/repos/acme/web/issues", 304),
     ]
     assert env.tasks()["acme/api#7"].title == "renamed"
@@ -735,6 +772,27 @@ def test_secondary_rate_limits_and_5xx_are_retried_by_the_one_tenacity_layer(lit
     assert result.requests.retries == 2 and len(lite.log()) == 3 and len(lite.tasks()) == 3
 
 
+def test_a_secondary_limit_longer_than_max_wait_stops_cleanly_after_one_request(env: Env) -> None:
+    env.seed("acme/api", 3)
+    env.seed("acme/web", 3)
+    assert env.run().ok
+    before = env.cursor()
+    env.tick(minutes=10)
+    env.gh.update_issue("acme/web", 1, title="changed")
+    env.gh.reset_log()
+    env.gh.inject(r"/acme/api/issues$", status=403, retry_after=3600)
+    stopped = env.run()
+    assert stopped.ok and stopped.stopped_early and stopped.error is None
+    assert stopped.note and "secondary rate limit" in stopped.note and "rate limited for 3600s" in stopped.note
+    assert len(env.log(None)) == 1 and stopped.requests.retries == 0  # acme/web is not asked while limited
+    assert env.cursor() == before and env.tasks()["acme/web#1"].title != "changed"
+    with env.store.transaction() as s:
+        assert s.get(SyncStateRow, "gh").last_error == stopped.note  # type: ignore[union-attr]
+    env.gh.reset_log()
+    resumed = env.run()
+    assert resumed.ok and resumed.note is None and env.tasks()["acme/web#1"].title == "changed"
+
+
 def test_a_502_storm_on_one_repo_does_not_stop_the_others(env: Env) -> None:
     env.seed("acme/api", 5)
     env.seed("acme/web", 5)
@@ -789,13 +847,61 @@ def test_full_sync_cancels_deleted_and_transferred_issues_and_keeps_them(env: En
     env.gh.transfer_issue("acme/api", 3, "acme/web")
     incremental = env.run()
     assert incremental.ok and incremental.upserts.cancelled == 0  # only a full listing vouches for absence
+    env.gh.reset_log()
     full = env.run(full=True)
     assert full.ok and full.upserts.cancelled == 2
     tasks = env.tasks()
     assert tasks["acme/api#2"].status == "cancelled" and tasks["acme/api#3"].status == "cancelled"
     assert tasks["acme/web#1"].title == "acme/api task 2"  # the transferred issue, under its new name
     assert tasks["acme/api#1"].status == "todo"
-    assert not any(r.headers.get("if-none-match") for r in env.log()[-2:])  # --full lists unconditionally
+    listings = env.log("GET", "/issues$")
+    assert len(listings) == 2 and not any(r.headers.get("if-none-match") for r in listings)  # unconditional
+    asked = [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")]
+    assert asked == [  # only the two candidates: 410 deleted, 301 transferred (followed)
+        ("/repos/acme/api/issues/2", 410),
+        ("/repos/acme/api/issues/3", 301),
+        (f"/repositories/{env.gh._repo('acme/web').id}/issues/1", 200),
+    ]
+
+
+def test_an_issue_deleted_off_an_earlier_page_mid_crawl_does_not_cancel_the_one_it_skipped(env: Env) -> None:
+    env.seed("acme/api", 250)  # newest-first: page 1 holds #250..#151, page 2 #150..#51
+    assert env.run(repos=["acme/api"]).ok
+    env.tick(hours=1)
+    env.gh.update_issue("acme/api", 150, title="edited before the full sync")
+    env.tick(minutes=1)
+    # #150 now leads page 1; when page 2 is asked for, #240 (read on page 1) is deleted, so the
+    # listing shifts up by one and #151, the first issue of page 2 now, is never listed
+    env.gh.hooks.append(
+        (lambda r: r.query.get("page") == ["2"], lambda: env.gh.delete_issue("acme/api", 240))
+    )
+    env.gh.reset_log()
+    full = env.run(repos=["acme/api"], full=True)
+    assert full.ok and full.upserts.cancelled == 0  # #240 was listed before it went: not missing this run
+    assert full.upserts.updated + full.upserts.unchanged == 250  # #151's record came from its own GET
+    assert env.tasks()["acme/api#151"].status == "todo"  # absent from the listing, but GitHub still has it
+    assert [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")] == [("/repos/acme/api/issues/151", 200)]
+    env.tick(minutes=5)
+    env.gh.reset_log()
+    again = env.run(repos=["acme/api"], full=True)  # a listing that holds still: only #240 is missing
+    assert again.upserts.cancelled == 1 and env.tasks()["acme/api#240"].status == "cancelled"
+    assert [(r.path, r.status) for r in env.log("GET", r"/issues/\d+$")] == [("/repos/acme/api/issues/240", 410)]
+
+
+def test_a_listing_with_an_unreadable_issue_cancels_nothing_in_that_repo(env: Env) -> None:
+    env.seed("acme/api", 4)
+    env.seed("acme/web", 2)
+    assert env.run().ok
+    env.gh.update_issue("acme/api", 2, title=None)  # unreadable from now on: skipped, so never "seen"
+    env.gh.delete_issue("acme/api", 3)
+    env.gh.delete_issue("acme/web", 1)
+    env.gh.reset_log()
+    full = env.run(full=True)
+    assert full.ok and full.upserts.cancelled == 1  # acme/web's deletion only
+    tasks = env.tasks()
+    assert tasks["acme/api#2"].status == "todo" and tasks["acme/api#3"].status == "todo"
+    assert tasks["acme/web#1"].status == "cancelled"
+    assert [r.path for r in env.log("GET", r"/issues/\d+$")] == ["/repos/acme/web/issues/1"]
 
 
 def test_full_sync_of_a_repo_failing_half_way_marks_nothing(env: Env) -> None:
@@ -810,7 +916,7 @@ def test_full_sync_of_a_repo_failing_half_way_marks_nothing(env: Env) -> None:
     assert env.run(full=True).upserts.cancelled == 1
 
 
-def test_repo_wildcard_costs_one_conditional_listing(lite: Env) -> None:
+def test_repo_wildcard_lists_the_owner_once_an_hour_and_idles_at_one_304_per_repo(lite: Env) -> None:
     lite.gh.add_repo("acme/no-issues")
     lite.gh.add_repo("someone/else")
     lite.seed("acme/api", 2)
@@ -821,20 +927,46 @@ def test_repo_wildcard_costs_one_conditional_listing(lite: Env) -> None:
     assert [r.path for r in lite.log()][0] == "/orgs/acme/repos"
     cursor, validators = lite.cursor()
     assert cursor is not None and cursor.owners["acme"].repos == ["acme/api", "acme/no-issues", "acme/web"]
-    assert "repos:acme" in validators
-    lite.gh.reset_log()
-    idle = lite.run(repos=["acme/*"])
-    assert idle.ok and [(r.path, r.status) for r in lite.log()] == [
-        ("/orgs/acme/repos", 304),
+    assert cursor.owners["acme"].listed_at == T0 and "repos:acme" in validators
+    per_repo = [
         ("/repos/acme/api/issues", 304),
         ("/repos/acme/no-issues/issues", 304),
         ("/repos/acme/web/issues", 304),
     ]
-    lite.gh.add_repo("acme/new")
+    lite.gh.add_repo("acme/new")  # GitHub changes the org's listing (and its ETag) on any push as well
     lite.gh.add_issue("acme/new", title="fresh")
+    for minutes in (10, 50):  # two idle syncs within the hour: no listing request at all
+        lite.tick(minutes=minutes - (10 if minutes == 50 else 0))
+        lite.gh.reset_log()
+        idle = lite.run(repos=["acme/*"])
+        assert idle.ok and idle.pages == 0 and [(r.path, r.status) for r in lite.log()] == per_repo
+        assert idle.requests.not_modified == idle.requests.requests == 3
+    assert "acme/new#1" not in lite.tasks()
+
+    lite.tick(minutes=11)  # an hour after the listing: refreshed, and the new repository comes in
     lite.gh.reset_log()
     grown = lite.run(repos=["acme/*"])
     assert grown.ok and "acme/new#1" in lite.tasks()
+    assert [(r.path, r.status) for r in lite.log()][0] == ("/orgs/acme/repos", 200)
+    lite.tick(hours=1)
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"]).ok
+    assert [r.status for r in lite.log()] == [304] * 5  # the listing's 304, then one per repository
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"]).pages == 0 and [r.status for r in lite.log()] == [304] * 4
+    cursor, _ = lite.cursor()
+    assert cursor is not None and cursor.owners["acme"].listed_at == lite.clock.now  # the 304 was saved
+
+
+def test_full_sync_always_refreshes_the_owner_listing(lite: Env) -> None:
+    lite.seed("acme/api", 1)
+    assert lite.run(repos=["acme/*"]).ok
+    lite.gh.add_repo("acme/new")
+    lite.gh.add_issue("acme/new", title="fresh")
+    lite.tick(minutes=5)
+    lite.gh.reset_log()
+    assert lite.run(repos=["acme/*"], full=True).ok and "acme/new#1" in lite.tasks()
+    assert lite.log()[0].path == "/orgs/acme/repos" and not lite.log()[0].headers.get("if-none-match")
 
 
 def test_user_wildcard_falls_back_to_the_users_listing_once(lite: Env) -> None:
@@ -846,6 +978,7 @@ def test_user_wildcard_falls_back_to_the_users_listing_once(lite: Env) -> None:
         "/users/dana/repos",
         "/repos/dana/tools/issues",
     ]
+    lite.tick(hours=2)
     lite.gh.reset_log()
     assert lite.run(repos=["dana/*"]).ok
     assert [(r.path, r.status) for r in lite.log()] == [
@@ -888,6 +1021,48 @@ def test_pull_requests_are_skipped_but_their_fixes_count_as_activity(env: Env) -
     assert again.ok
     with env.store.transaction() as s:
         assert len(s.scalars(select(TaskEvent).where(TaskEvent.field == "activity")).all()) == 1
+
+
+def test_comments_by_bots_or_trackloop_are_not_activity_and_cost_one_listing_per_changed_repo(env: Env) -> None:
+    old = T0 - timedelta(days=20)
+    for n in range(1, 6):
+        env.gh.add_issue("acme/api", title=f"task {n}", labels=["in progress"], created_at=old - timedelta(days=9))
+        env.gh.add_comment("acme/api", n, "on it", user="alice-k", created_at=old)
+    env.gh.add_issue("acme/api", title="Speed up login", pull_request=True, body="Fixes #5", user="bob",
+                     created_at=old, updated_at=old)
+    assert env.run(bots=["ci-runner"]).ok  # first crawl: ages from GitHub's own timestamps
+    assert {t.last_activity_at for t in env.tasks().values()} == {old}
+    env.tick(hours=1)
+    env.gh.add_comment("acme/api", 1, "This issue is stale.", user="stale[bot]")
+    env.gh.add_comment("acme/api", 2, "Still on track? <!-- trackloop:stale:acme/api#2 -->", user="trackloop-bot")
+    env.gh.add_comment("acme/api", 3, "build passed", user="ci-runner")
+    env.gh.add_comment("acme/api", 4, "done tomorrow", user="alice-k")
+    env.gh.add_comment("acme/api", 6, "Deploy preview ready", user="netlify[bot]")  # on the PR that fixes #5
+    env.gh.reset_log()
+    result = env.run(bots=["ci-runner"])
+    assert result.ok, result.error and result.upserts.updated == 4
+    [listing, comments, web] = env.log()
+    assert (listing.path, comments.path, web.status) == ("/repos/acme/api/issues", "/repos/acme/api/issues/comments",
+                                                         304)
+    assert comments.query == {"since": [format_since(T0 - timedelta(minutes=5))], "sort": ["updated"],
+                              "direction": ["desc"], "per_page": ["100"]}
+    tasks = env.tasks()
+    assert tasks["acme/api#4"].last_activity_at == env.clock.now  # a person's comment is activity
+    for quiet in ("acme/api#1", "acme/api#2", "acme/api#3", "acme/api#5"):
+        assert tasks[quiet].last_activity_at == old, quiet  # #5 through its pull request's bot comment
+    assert all(tasks[f"acme/api#{n}"].updated_at > old for n in (1, 2, 3))  # GitHub did move their update time
+    types = rule_types()
+    config = {rid: cls.config_model(enabled=False) for rid, cls in types.items()}
+    config["stale_status"] = types["stale_status"].config_model()
+    with env.store.transaction() as s:
+        RulesEngine(build_rules(types, config), clock=lambda: env.clock.now).run(s)
+    with env.store.transaction() as s:
+        stale = {v.task.external_id for v in open_findings(s, rule="stale_status")}
+    assert stale == {"acme/api#1", "acme/api#2", "acme/api#3", "acme/api#5"}
+    env.tick(hours=1)
+    env.gh.add_comment("acme/api", 1, "picking this up", user="bob")
+    assert env.run(bots=["ci-runner"]).ok
+    assert env.tasks()["acme/api#1"].last_activity_at == env.clock.now
 
 
 def test_included_pull_requests_relate_to_the_issues_they_fix(lite: Env) -> None:
@@ -1132,3 +1307,22 @@ def test_nothing_logged_or_raised_contains_the_token(lite: Env, caplog: pytest.L
     assert not lite.run().ok
     assert "test-token" not in caplog.text
     assert json.dumps([r.getMessage() for r in caplog.records]).count("test-token") == 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+def test_demo_github_source_syncs_the_team(tmp_path: Any) -> None:
+    from sync.demo import run_demo
+
+    rows = {t["external_id"]: t for t in run_demo(tmp_path / "demo.db").tasks if t["kind"] == "github"}
+
+    assert sorted(rows) == sorted([*(f"acme/api#{n}" for n in range(1, 8)), *(f"acme/web#{n}" for n in (1, 2, 3))])
+    assert "acme/api#8" not in rows  # the pull request is not a task ...
+    assert rows["acme/api#2"]["last_activity_at"] > rows["acme/api#2"]["updated_at"]  # ... but its "Fixes #2" is
+    assert (rows["acme/api#1"]["owner"], rows["acme/api#1"]["status"], rows["acme/api#1"]["priority"]) == (
+        "bob", "in_progress", "high",
+    )
+    assert (rows["acme/api#2"]["owner"], rows["acme/api#2"]["status"]) == ("carol", "blocked")
+    assert rows["acme/api#7"]["owner"] is None  # two assignees: shared, no single owner
+    assert (rows["acme/api#6"]["status"], rows["acme/api#6"]["raw_status"]) == ("cancelled", "closed/not_planned")
+    assert rows["acme/api#5"]["status"] == "done" and rows["acme/web#3"]["priority"] == "medium"
+    assert rows["acme/web#2"]["url"] == "https://github.com/acme/web/issues/2"

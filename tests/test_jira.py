@@ -20,6 +20,7 @@ from connectors.jira import (
     acceptance_criteria,
     adf_to_text,
     comment_body,
+    comment_trail_of,
     floor_minute,
     has_marker,
     issue_to_record,
@@ -27,6 +28,8 @@ from connectors.jira import (
     search_jql,
     to_ms,
 )
+from rules.engine import RulesEngine, build_rules
+from rules.registry import rule_types
 from store.canonical import (
     Action,
     IdentityKind,
@@ -39,6 +42,7 @@ from store.canonical import (
     TaskRef,
 )
 from store.db import Store
+from store.findings import open_findings
 from store.models import Task, TaskLink
 from sync.config import AppConfig, parse_config
 from sync.engine import SyncEngine, SyncResult
@@ -538,6 +542,36 @@ def test_marker_and_comment_bodies() -> None:
     assert has_marker("quoted [trackloop:k1]", "trackloop:k1") is False  # must be a line of its own
 
 
+def test_comment_trail_tells_apps_bots_and_trackloop_from_people() -> None:
+    def comment(at: str, body: Any = "ok", **author: Any) -> dict[str, Any]:
+        return {"id": at, "author": author, "body": body, "created": at, "updated": at}
+
+    def trail(*comments: dict[str, Any], total: int | None = None) -> Any:
+        page = {"comments": list(comments), "maxResults": 5000, "startAt": 0,
+                "total": len(comments) if total is None else total}
+        return comment_trail_of({"comment": page}, frozenset({"acc-ci", "bot@acme.io", "jenkins"}))
+
+    ann = comment("2024-01-10T09:00:00.000+0000", accountId="acc-ann", accountType="atlassian")
+    at = datetime(2024, 1, 15, 9, tzinfo=UTC)
+    for bot in (
+        comment("2024-01-15T09:00:00.000+0000", accountId="acc-auto", accountType="app"),  # Automation for Jira
+        comment("2024-01-15T09:00:00.000+0000", accountId="ACC-CI", accountType="atlassian"),  # configured
+        comment("2024-01-15T09:00:00.000+0000", accountId="acc-me", emailAddress="Bot@acme.io"),  # own sign-in
+        comment("2024-01-15T09:00:00.000+0000", name="jenkins", key="JIRAUSER1"),  # Server: by name
+        comment("2024-01-15T09:00:00.000+0000", adf(para(text("Still on track?")), para(text("trackloop:k-1"))),
+                accountId="acc-other-bot"),  # trackloop's marker, from another install
+    ):
+        found = trail(ann, bot)
+        assert found is not None and found.by_bot and found.latest == at
+        assert found.human == datetime(2024, 1, 10, 9, tzinfo=UTC)
+    person = trail(ann, comment("2024-01-15T09:00:00.000+0000", "{quote}trackloop:k-1{quote} why?", name="bob"))
+    assert person is not None and not person.by_bot and person.human == at
+    edited = dict(ann, updated="2024-01-15T09:00:00.000+0000", updateAuthor={"name": "jenkins"})
+    assert trail(edited).by_bot  # the editor wrote the change
+    assert trail(ann, total=40) is None  # the newest comments were cut off: nothing can be said
+    assert comment_trail_of({}, frozenset()) is None and trail() is None
+
+
 def test_search_jql_wraps_the_scope_so_or_cannot_escape_the_bound() -> None:
     assert search_jql("project = A OR labels = x", 1705332000000) == (
         "(project = A OR labels = x) AND updated >= 1705332000000 ORDER BY updated ASC, key ASC"
@@ -782,6 +816,33 @@ def test_an_edit_during_offset_paging_never_loses_an_issue(server: JiraStandin, 
     store.close()
 
 
+@pytest.mark.parametrize("change", ["edit", "delete"])
+def test_a_full_listing_that_shifts_under_offset_paging_cancels_nothing(
+    server: JiraStandin, tmp_path: Any, change: str
+) -> None:
+    seed(server, 25)
+    store = Store(f"sqlite:///{tmp_path / 'full-shift.db'}")
+    assert sync(server, store, page_size=10).upserts.inserted == 25
+
+    def shift_after_page_one(name: str, result: SyncResult) -> None:
+        if result.pages == 1:  # ENG-3 leaves its offset: ENG-11, at the next page edge, is skipped
+            if change == "edit":
+                server.update_issue("ENG-3", summary="edited mid-sync", updated=T0 + timedelta(hours=5))
+            else:
+                server.delete_issue("ENG-3")
+
+    server.reset_log()
+    full = sync(server, store, full=True, page_size=10, on_page=shift_after_page_one)
+    assert full.ok and full.upserts.cancelled == 0
+    assert all(t.status == "todo" for k, t in tasks(store).items() if k != "ENG-3")
+    assert tasks(store)["ENG-11"].status == "todo"
+
+    steady = sync(server, store, full=True, page_size=10)  # the next full listing holds still
+    assert steady.upserts.cancelled == (1 if change == "delete" else 0)
+    assert tasks(store)["ENG-3"].status == ("cancelled" if change == "delete" else "todo")
+    store.close()
+
+
 def test_an_issue_edited_mid_run_never_carries_the_cursor_past_uncommitted_ones(
     cloud: JiraStandin, tmp_path: Any
 ) -> None:
@@ -809,6 +870,38 @@ def test_an_issue_edited_mid_run_never_carries_the_cursor_past_uncommitted_ones(
 
 
 # -- end to end: time zones, links, deletions ----------------------------------------------------------
+
+
+def test_comments_by_bots_or_trackloop_are_not_activity(standin: JiraStandin, tmp_path: Any) -> None:
+    old = T0 - timedelta(days=20)
+    for n in range(1, 4):
+        standin.add_issue(f"ENG-{n}", summary=f"Task {n}", status="In Progress", created=old - timedelta(days=5),
+                          updated=old)
+        standin.add_comment(f"ENG-{n}", "on it", author="acc-ann", created=old)
+    store = Store(f"sqlite:///{tmp_path / 'bots.db'}")
+    assert sync(standin, store, bots=["ACC-CI"]).ok
+    assert {t.last_activity_at for t in tasks(store).values()} == {old}
+    now = T0 + timedelta(days=1)
+    standin.add_comment("ENG-1", "build passed", author="acc-ci", created=now)
+    standin.add_comment("ENG-2", f"Still on track?\n\n{{{{{marker_for('stale:ENG-2')}}}}}", created=now)  # the bot
+    standin.add_comment("ENG-3", "done tomorrow", author="acc-bob", created=now)
+    standin.reset_log()
+    result = sync(standin, store, bots=["ACC-CI"])
+    assert result.ok, result.error
+    assert result.upserts.updated == 3 and not standin.requests("GET", r"/comment$|/myself$")  # no request per issue
+    assert "comment" in searches(standin)[0].query["fields"]
+    found = tasks(store)
+    assert found["ENG-1"].last_activity_at == found["ENG-2"].last_activity_at == old
+    assert found["ENG-1"].updated_at == found["ENG-2"].updated_at == now  # Jira did move them
+    assert found["ENG-3"].last_activity_at == now  # a person's comment is activity
+    types = rule_types()
+    config = {rid: cls.config_model(enabled=False) for rid, cls in types.items()}
+    config["stale_status"] = types["stale_status"].config_model()
+    with store.transaction() as s:
+        RulesEngine(build_rules(types, config), clock=lambda: now).run(s)
+    with store.transaction() as s:
+        assert {v.task.external_id for v in open_findings(s, rule="stale_status")} == {"ENG-1", "ENG-2"}
+    store.close()
 
 
 def test_account_time_zone_other_than_utc_does_not_hide_changes(cloud: JiraStandin, tmp_path: Any) -> None:
@@ -1025,6 +1118,40 @@ def test_push_finds_its_marker_among_many_comments(server: JiraStandin) -> None:
     assert again == type(again)(first.remote_id, already_delivered=True)
     assert len(server.requests("GET", r"/comment$")) == 2 + 2  # newest first, 100 a page: the marker is
     # the 151st comment the first time and the 121st the second
+
+
+def test_a_marker_quoted_by_someone_else_does_not_suppress_the_delivery(standin: JiraStandin) -> None:
+    standin.add_issue("ENG-1", summary="Unowned", updated=T0)
+    action = Action(key="k-quoted", kind="comment", text="Who owns this?", task_external_id="ENG-1")
+    standin.add_comment("ENG-1", f"Quoting the bot:\n\n{marker_for(action.key)}", author="acc-ann")
+    standin.reset_log()
+
+    result = connector(standin).push(action)
+
+    assert not result.already_delivered
+    assert [c["author"] for c in standin.comments("ENG-1")] == ["acc-ann", standin.bot]
+    assert len(standin.requests("GET", r"/myself$")) == 1
+    assert connector(standin).push(action).already_delivered  # the bot's own comment does count
+
+
+def test_pushes_reuse_the_deployment_the_last_sync_stored(standin: JiraStandin, tmp_path: Any) -> None:
+    from sync.delivery import Deliverer
+
+    standin.add_issue("ENG-1", summary="Unowned", updated=T0)
+    store = Store(f"sqlite:///{tmp_path / 'push.db'}")
+    assert sync(standin, store, deployment="auto").ok
+    config = app_config(standin, store.url, deployment="auto")
+    standin.reset_log()
+
+    deliverer = Deliverer(store, config, TYPES, worker="w")
+    for key in ("k1", "k2"):
+        deliverer.connector(NAME).push(Action(key=key, kind="comment", text="hi", task_external_id="ENG-1"))
+    deliverer.close()
+
+    handshakes = standin.requests("GET", r"/serverInfo$")
+    assert len(handshakes) == (1 if standin.cloud else 0)  # Cloud's library needs its own; Server needs none
+    assert len(standin.comments("ENG-1")) == 2
+    store.close()
 
 
 def test_push_refuses_what_it_cannot_deliver(cloud: JiraStandin) -> None:

@@ -239,6 +239,30 @@ def test_comment_pagination(gh: GithubStandin) -> None:
     assert len(gh.requests("GET", r"/comments$")) == 2
 
 
+def test_repository_comment_listing_with_since_sort_pages_and_etag(gh: GithubStandin) -> None:
+    gh.add_issue("acme/api", title="one")
+    gh.add_issue("acme/api", title="two")
+    for i in range(120):
+        gh.add_comment("acme/api", 1 + i % 2, f"c{i}", user="renovate[bot]" if i == 119 else "alice",
+                       created_at=T0 + timedelta(minutes=i))
+    repo = client(gh).get_repo("acme/api")
+    gh.reset_log()
+
+    newest = list(repo.get_issues_comments(sort="updated", direction="desc", since=T0 + timedelta(minutes=10)))
+
+    assert [c.body for c in newest] == [f"c{i}" for i in range(119, 9, -1)]
+    assert newest[0].user.login == "renovate[bot]" and newest[0].user.type == "Bot"
+    assert newest[0].issue_url.endswith("/repos/acme/api/issues/2") and newest[1].user.type == "User"
+    pages = gh.requests("GET", r"/issues/comments$")
+    assert [r.query.get("page") for r in pages] == [None, ["2"]]  # 110 comments, 100 a page
+    assert [c.body for c in repo.get_issues_comments()][:2] == ["c0", "c1"]  # no sort: ascending id
+    first = raw(gh, "/repos/acme/api/issues/comments?sort=updated&direction=desc&per_page=100")
+    again = raw(gh, "/repos/acme/api/issues/comments?sort=updated&direction=desc&per_page=100",
+                **{"If-None-Match": first.headers["ETag"]})
+    assert first.status_code == 200 and again.status_code == 304
+    assert raw(gh, "/repos/acme/api/issues/comments?sort=comments").status_code == 422
+
+
 def test_deleted_issue_is_410_and_transferred_issue_redirects(gh: GithubStandin) -> None:
     gh.add_repo("acme/web")
     gh.add_issue("acme/api", title="doomed")

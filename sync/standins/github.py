@@ -229,6 +229,7 @@ class GithubStandin(Standin):
             ("GET", r"/(?:orgs/(?P<login>[^/]+)|organizations/(?P<uid>\d+))/repos", self._list_org_repos),
             ("GET", REPO, self._get_repo),
             ("GET", REPO + r"/issues", self._list_issues),
+            ("GET", REPO + r"/issues/comments", self._list_repo_comments),
             ("GET", REPO + r"/issues/(?P<number>\d+)", self._get_issue),
             ("GET", REPO + r"/issues/(?P<number>\d+)/comments", self._list_comments),
             ("POST", REPO + r"/issues/(?P<number>\d+)/comments", self._create_comment),
@@ -672,6 +673,40 @@ class GithubStandin(Standin):
             comments,
             lambda c: self._comment_json(api, repo, issue, c),
             issue.updated_at,
+        )
+
+    def _list_repo_comments(self, req: Request, m: Match[str]) -> Response:
+        """Every issue and pull-request comment of a repository: by ascending id, or by `sort`
+        (created/updated) in `direction` (default desc, ignored without `sort`), `since` on updated."""
+        repo = self._find_repo(m)
+        if repo is None:
+            return _not_found("issues/comments#list-issue-comments-for-a-repository")
+        sort, direction = req.arg("sort"), req.arg("direction", "desc")
+        if sort not in (None, "created", "updated"):
+            return _invalid("IssueComment", "sort")
+        if direction not in ("asc", "desc"):
+            return _invalid("IssueComment", "direction")
+        try:
+            since = _as_dt(req.arg("since"))
+        except ValueError:
+            return _invalid("IssueComment", "since")
+        found = [
+            (issue, c)
+            for issue in repo.issues.values()
+            for c in issue.comments
+            if since is None or c.updated_at >= since
+        ]
+        if sort is None:
+            found.sort(key=lambda ic: ic[1].id)
+        else:
+            found.sort(key=lambda ic: (getattr(ic[1], f"{sort}_at"), ic[1].id), reverse=direction == "desc")
+        api = self._api(req)
+        return self._paged(
+            req,
+            f"/repositories/{repo.id}/issues/comments",
+            found,
+            lambda ic: self._comment_json(api, repo, ic[0], ic[1]),
+            repo.changed_at,
         )
 
     def _create_comment(self, req: Request, m: Match[str]) -> Response:

@@ -137,6 +137,7 @@ class _User:
     display_name: str
     email: str
     time_zone: str
+    account_type: str = "atlassian"  # Cloud: "atlassian" (a person), "app" (a bot), "customer"
 
 
 @dataclass(slots=True)
@@ -693,10 +694,13 @@ class JiraStandin(Standin):
         self._router = self._routes()
 
     # -- data API ----------------------------------------------------------------------------------
-    def add_user(self, account_id: str, *, name: str, display_name: str, email: str) -> str:
-        """Register a person; `account_id` is the Cloud accountId and the Server user key."""
+    def add_user(
+        self, account_id: str, *, name: str, display_name: str, email: str, account_type: str = "atlassian"
+    ) -> str:
+        """Register a person (or, with `account_type="app"`, a Cloud app such as Automation);
+        `account_id` is the Cloud accountId and the Server user key."""
         with self.lock:
-            self._users[account_id] = _User(account_id, name, display_name, email, self.timezone)
+            self._users[account_id] = _User(account_id, name, display_name, email, self.timezone, account_type)
             return account_id
 
     def add_issue(
@@ -1030,7 +1034,7 @@ class JiraStandin(Standin):
             timeZone=user.time_zone,
         )
         if self.cloud:
-            out["accountType"] = "atlassian"
+            out["accountType"] = user.account_type
         return out
 
     def _status_json(self, issue: _Issue, version: int) -> dict[str, Any]:
