@@ -3,7 +3,8 @@
 A connector file holds a `<Kind>Config`, a `<Kind>Cursor`, pure mapping functions and one
 `<Kind>Connector`. The base owns what they share: the retry policy (tenacity, honouring
 `Retry-After`, only for `TransientError`), error translation through `translate_errors()`, the
-clock, and request accounting. A connector yields pages; it never saves state or opens a
+clock, request accounting, and `human_activity()`, which keeps an update that a bot's comment
+explains out of a task's activity. A connector yields pages; it never saves state or opens a
 database session: the engine commits each page together with its cursor.
 """
 

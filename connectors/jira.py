@@ -32,6 +32,10 @@ tasks of those projects that it did not return (deleted, moved out of scope) as 
 A project with an unreadable issue is not vouched for, and a listing that shifted under the
 pager (the signs above) vouches for nothing: absence there may be an offset's skip.
 
+Activity. The search also asks for each issue's `comment` field (a larger reply, no extra
+request), so an update that is a comment by a bot (a Cloud app account, an account in `bots`, the
+connector's own account, or any comment ending in a trackloop marker) does not count as activity.
+
 Push. `comment` actions add a comment whose last line is a small monospace marker,
 `trackloop:<action key>`; before posting, the issue's comments are scanned for that marker in a
 comment by the bot's own account, so a retry after a lost reply finds the first post instead of
