@@ -837,15 +837,15 @@ class _ChannelRead:
         else:
             done_at = rx_at
         url = before.url if before is not None else None
+        parent = message.get("thread_ts")
         if url is None and reason:
-            url = c._permalink(self.channel, ts)
+            url = c._permalink(self.channel, ts, reply=parent not in (None, ts))
         record = message_to_task(
             self.channel, message, rules=c.rules, users=c._known(), bots=bots, thread=thread, url=url,
             reactions_at=rx_at, done_at=done_at, captured=reason is not None,
         )
         self.tasks.append(record)
         if reason is not None:
-            parent = message.get("thread_ts")
             self.seen[ts] = SlackSeen(fp=fp, rx=rx, rx_at=rx_at, done=done, done_at=done_at, url=url,
                                       thread=parent if parent not in (None, ts) else None)
         if before is None:
@@ -903,6 +903,7 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
         self._client: WebClient | None = None
         self._users: dict[str, dict[str, Any] | None] = {}
         self._names: dict[str, str] = {}
+        self._link_bases: dict[str, str] = {}  # channel -> "https://…/archives/CHANNEL", from a permalink
         self._paced: deque[datetime] = deque()
         self._method = ""
 
@@ -1197,12 +1198,26 @@ class SlackConnector(Connector[SlackConfig, SlackCursor]):
     def _known(self) -> dict[str, dict[str, Any]]:
         return {uid: user for uid, user in self._users.items() if user is not None}
 
-    def _permalink(self, channel: str, ts: str) -> str | None:
+    def _permalink(self, channel: str, ts: str, *, reply: bool) -> str | None:
+        """The message's link, from chat.getPermalink.
+
+        A top-level message's link is `…/archives/CHANNEL/p` + its ts without the dot. Once the
+        server's own answer for a channel shows that form, the channel's other top-level messages
+        are linked the same way instead of costing a call each (hundreds on a first sync);
+        replies, whose links carry the thread, and servers answering otherwise are always asked.
+        """
+        stamp = "/p" + ts.replace(".", "")
+        base = self._link_bases.get(channel)
+        if base is not None and not reply:
+            return base + stamp
         try:
-            return self._read("chat.getPermalink", channel=channel, message_ts=ts).get("permalink")
+            link = self._read("chat.getPermalink", channel=channel, message_ts=ts).get("permalink")
         except SlackError as exc:
             self.log.warning("%s: no permalink for %s:%s (%s)", self.name, channel, ts, exc.code)
             return None
+        if isinstance(link, str) and not reply and link.endswith(f"/archives/{channel}{stamp}"):
+            self._link_bases[channel] = link.removesuffix(stamp)
+        return link
 
     # -- push ----------------------------------------------------------------------------------
     def push(self, action: Action) -> PushResult:

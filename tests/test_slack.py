@@ -594,11 +594,15 @@ def test_request_counts_cold_incremental_idle(store: Store, slack: SlackStandin,
     slack.reply(MIG, thread, BOB, "sounds good")
 
     cold = sync(store, slack, clock, channels=["#ops", "#migrations"], page_size=20)
-    # list 1 + history ops 2 pages + history mig 1 + replies 1 + permalinks 6 + users alice, bob, carol
+    # list 1 + history ops 2 pages + history mig 1 + replies 1 + one permalink per channel (the
+    # other top-level links follow its form) + users alice, bob, carol
     assert requests_by_method(slack) == {"conversations.list": 1, "conversations.history": 3,
-                                         "conversations.replies": 1, "chat.getPermalink": 6, "users.info": 3}
-    assert cold.requests.requests == len(slack.requests()) == 14
+                                         "conversations.replies": 1, "chat.getPermalink": 2, "users.info": 3}
+    assert cold.requests.requests == len(slack.requests()) == 10
     assert cold.upserts.inserted == 6
+    for key, task in tasks(store).items():  # every link is the one the server would have given
+        channel, ts = key.split(":")
+        assert task["url"] == slack._chat_get_permalink({"channel": channel, "message_ts": ts})["permalink"]
 
     slack.reset_log()
     later(slack, clock, minutes=5)
