@@ -9,7 +9,7 @@ findings' lifecycle; a rule only says which tasks it flags and why.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -116,6 +116,12 @@ def business_elapsed(start: datetime, end: datetime) -> timedelta:
     if end <= start:
         return timedelta(0)
     return timedelta(seconds=_business_seconds(end) - _business_seconds(start))
+
+
+def business_since(end: datetime) -> Callable[[datetime], float]:
+    """`business_elapsed(start, end)` in seconds, for many starts and one end (its half done once)."""
+    until = _business_seconds(end)
+    return lambda start: max(0.0, until - _business_seconds(start))
 
 
 def days_text(value: timedelta, business: bool = False) -> str:

@@ -80,14 +80,27 @@ class DependencyAtRisk(Rule[RuleConfig]):
 
     @staticmethod
     def _stale_blockers(ctx: RuleContext, ids: set[int]) -> dict[int, Verdict]:
-        """Which blockers are stale by stale_status's thresholds, ignoring its switch and scope."""
-        if not ids:
-            return {}
+        """Which blockers are stale by stale_status's thresholds, ignoring its switch and scope.
+
+        What stale_status flagged in this run is stale; of the rest, only blockers its scope
+        kept it from seeing are checked here (with the defaults: those labelled on-hold or wontfix).
+        """
         settings = ctx.configs.get("stale_status")
         base = settings if isinstance(settings, StaleStatusConfig) else StaleStatusConfig()
-        unscoped = base.model_copy(update={"enabled": True, "sources": [], "labels": [], "owners": [],
-                                           "exclude_labels": []})
-        return {v.task_id: v for v in StaleStatus(unscoped).stale(ctx, among=ids)}
+        flagged = ctx.results.get("stale_status", {}) if base.enabled else {}
+        found = {tid: flagged[tid] for tid in ids & flagged.keys()}
+        unknown = list(ids - flagged.keys())
+        if base.enabled and unknown:
+            seen: set[int] = set()
+            for i in range(0, len(unknown), 5000):
+                stmt = ctx.scoped(select(Task.id).where(one_of(ctx.session, Task.id, unknown[i : i + 5000])), base)
+                seen.update(tid for (tid,) in ctx.session.execute(stmt))
+            unknown = [tid for tid in unknown if tid not in seen]  # in scope and not flagged: not stale
+        if unknown:
+            unscoped = base.model_copy(update={"enabled": True, "sources": [], "labels": [], "owners": [],
+                                               "exclude_labels": []})
+            found.update((v.task_id, v) for v in StaleStatus(unscoped).stale(ctx, among=unknown))
+        return found
 
     def _in_scope(self, ctx: RuleContext, ids: list[int]) -> set[int]:
         """Which of the tasks at risk the rule's scope admits (risk itself crosses scopes)."""

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from sqlalchemy import and_, func, or_, select, type_coerce
 from sqlalchemy.orm import aliased
 
-from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict, business_elapsed, days_text
+from rules.base import OPEN, Rule, RuleConfig, RuleContext, Verdict, business_since, days_text
 from store.canonical import LinkKind
 from store.durations import Duration, format_duration
 from store.models import Task, TaskLink, UTCDateTime
@@ -67,16 +67,18 @@ class StaleStatus(Rule[StaleStatusConfig]):
                 stmt = stmt.where(one_of(ctx.session, Task.id, list(among)))
             for tid, since in ctx.session.execute(ctx.scoped(stmt, self.config)):
                 candidates[tid] = (status, since)
-        linked = self._linked_activity(ctx, set(candidates))
+        linked = self._linked_activity(ctx, set(candidates)) if candidates else {}
         business = self.config.business_days
+        elapsed = business_since(ctx.now) if business else (lambda start: (ctx.now - start).total_seconds())
+        allowed = {s: a.total_seconds() for s, a in self.config.after.items()}
         suffix = {s: f"; threshold {format_duration(a)}" for s, a in self.config.after.items()}
         verdicts = []
         for tid, (status, since) in candidates.items():
             since = max(since, linked.get(tid, since))
-            quiet_for = business_elapsed(since, ctx.now) if business else ctx.now - since
-            if quiet_for <= self.config.after[status]:
+            quiet_for = elapsed(since)
+            if quiet_for <= allowed[status]:
                 continue
-            quiet_text = days_text(quiet_for, business)
+            quiet_text = days_text(timedelta(seconds=quiet_for), business)
             message = f"{status.replace('_', ' ')} with no activity for {quiet_text}{suffix[status]}"
             verdicts.append(Verdict(tid, message, {"status": status, "quiet_since": since.isoformat()}))
         return verdicts

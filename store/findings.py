@@ -81,12 +81,12 @@ def reconcile(session: Session, rule: str, severity: str, drafts: Mapping[int, D
 
     known = {row.task_id for row in live}
     fresh = [
-        {"rule": rule, "task_id": task_id, "status": "open", "severity": severity, "message": draft.message,
-         "act_person_id": draft.act_person_id, "data": dict(draft.data), "first_seen": now, "last_seen": now}
+        {"task_id": task_id, "message": draft.message, "act_person_id": draft.act_person_id, "data": dict(draft.data)}
         for task_id, draft in drafts.items()
         if task_id not in known
     ]
-    bulk_insert(session, Finding.__table__, fresh)
+    bulk_insert(session, Finding.__table__, fresh,
+                same={"rule": rule, "status": "open", "severity": severity, "first_seen": now, "last_seen": now})
     stats.opened = len(fresh)
     return stats
 
