@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_store import T0, Synthetic  # noqa: E402
+from bench_store import T0, Synthetic, scratch  # noqa: E402
 from sqlalchemy import func, insert, select  # noqa: E402
 
 from rules.engine import RulesEngine, build_rules  # noqa: E402
@@ -61,8 +61,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=100_000)
     ap.add_argument("--url", default=None)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.url or f"sqlite:///{Path(tmp) / 'rules.db'}"
+    with tempfile.TemporaryDirectory() as tmp, scratch(args.url or f"sqlite:///{Path(tmp) / 'rules.db'}") as url:
         seed(url, args.tasks)
         store = Store(url)
         with store.transaction() as s:

@@ -13,13 +13,15 @@ import resource
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
 from connectors.base import Connector, ConnectorConfig  # noqa: E402
 from store.canonical import (  # noqa: E402
@@ -100,13 +102,31 @@ class Synthetic(Connector[SynthConfig, SynthCursor]):
         )
 
 
+@contextmanager
+def scratch(url: str) -> Iterator[str]:
+    """`url` itself for SQLite (a fresh file); on PostgreSQL a throwaway schema of that server,
+    so every run starts from an empty store whatever an earlier run left behind."""
+    if not url.startswith("postgresql"):
+        yield url
+        return
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=100_000)
     ap.add_argument("--url", default=None)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        url = args.url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+    with tempfile.TemporaryDirectory() as tmp, scratch(args.url or f"sqlite:///{Path(tmp) / 'bench.db'}") as url:
         types = {"synthetic": Synthetic}
         config = parse_config({"store": {"url": url}, "connectors": {"s": {"type": "synthetic", "tasks": args.tasks}}},
                               env={}, connector_types=types)

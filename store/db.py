@@ -53,7 +53,6 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps committed data safe across a crash
-    cur.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages (the default 2 MiB thrashes over 100,000 tasks)
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
     cur.close()
 

@@ -45,10 +45,13 @@ def reconcile(session: Session, rule: str, severity: str, drafts: Mapping[int, D
     stats = ReconcileStats()
     live = session.execute(
         select(Finding.id, Finding.task_id, Finding.status, Finding.snoozed_until, Finding.snoozed_hash,
-               Finding.message, Finding.severity, Finding.act_person_id, Task.content_hash)
-        .join(Task, Task.id == Finding.task_id)
+               Finding.message, Finding.severity, Finding.act_person_id)
         .where(Finding.rule == rule, Finding.status.in_(LIVE))
     ).all()
+    hashes = dict(session.execute(  # a snooze lasts while its task is unchanged: only snoozed rows ask
+        select(Task.id, Task.content_hash).join(Finding, Finding.task_id == Task.id)
+        .where(Finding.rule == rule, Finding.status == "snoozed")
+    ).all())
     cleared = [row.id for row in live if row.task_id not in drafts]
     for i in range(0, len(cleared), _CHUNK):
         session.execute(
@@ -63,7 +66,7 @@ def reconcile(session: Session, rule: str, severity: str, drafts: Mapping[int, D
         if draft is None:
             continue
         still_snoozed = (row.status == "snoozed" and row.snoozed_until is not None and now < row.snoozed_until
-                         and row.snoozed_hash == row.content_hash)
+                         and row.snoozed_hash == hashes.get(row.task_id))
         if still_snoozed:
             stats.snoozed += 1
         else:
