@@ -243,11 +243,10 @@ def test_mistyped_env_override_exits_2_naming_it(project: Path) -> None:
     assert not (project / "store.db").exists() and not (project / "elsewhere.db").exists()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite has one writer at a time anyway
 @pytest.mark.parametrize("command", [("rules", "run"), ("verify", "sheet:2")])
 def test_cli_rule_runs_take_the_rules_lock(project: Path, db_url: str, command: tuple[str, ...]) -> None:
     """`rules run` and `verify` wait for a daemon's rules run instead of racing it (PostgreSQL)."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("SQLite has one writer at a time; the lock is PostgreSQL's")
     from sqlalchemy import create_engine, func, select
 
     from store.locks import lock_key
