@@ -18,6 +18,7 @@ from rules.base import Rule, RuleConfig, RuleContext, Verdict
 from store.canonical import Status
 from store.durations import Duration
 from store.models import Task, TaskEvent, UTCDateTime
+from store.sql import seconds_between
 
 WORKDAY_SECONDS = 8 * 3600
 
@@ -77,16 +78,16 @@ class AtRisk(Rule[AtRiskConfig]):
         )
         finished = func.max(case((TaskEvent.new == Status.DONE.value, TaskEvent.at)))
         stmt = (
-            select(Task.source, Task.scope, Task.priority, began, finished)
+            select(Task.source, Task.scope, Task.priority, seconds_between(ctx.session, began, finished))
             .join(TaskEvent, TaskEvent.task_id == Task.id)
             .where(Task.status == Status.DONE.value, TaskEvent.field == "status",
                    Task.status_changed_at >= ctx.now - self.config.history)
             .group_by(Task.id, Task.source, Task.scope, Task.priority)
         )
         samples: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-        for source, scope, priority, start, end in ctx.session.execute(stmt):
-            if start is not None and end is not None and end > start:
-                samples[(source, scope, priority)].append((end - start).total_seconds())
+        for source, scope, priority, seconds in ctx.session.execute(stmt):
+            if seconds is not None and seconds > 0:
+                samples[(source, scope, priority)].append(float(seconds))
         return {
             key: (timedelta(seconds=statistics.median(values)), len(values))
             for key, values in samples.items()

@@ -101,7 +101,9 @@ class StaleStatus(Rule[StaleStatusConfig]):
                                  getattr(TaskLink, f"{mine}_external_id") == here.external_id))
                 .join(there, and_(getattr(TaskLink, f"{theirs}_source") == there.source,
                                   getattr(TaskLink, f"{theirs}_external_id") == there.external_id))
-                .where(TaskLink.kind.in_(kinds), here.status.in_(OPEN), there.last_activity_at.is_not(None))
+                # No status filter on `here`: the candidates are open already, and one would make the
+                # planner walk every open task instead of the few links of these kinds.
+                .where(TaskLink.kind.in_(kinds), there.last_activity_at.is_not(None))
             )
             for tid, when in ctx.session.execute(stmt):
                 if tid in ids and (tid not in latest or when > latest[tid]):

@@ -45,6 +45,13 @@ def latest(session: Session, *cols: Any) -> ColumnElement[Any]:
     return func.max(*(func.coalesce(c, first) for c in cols))
 
 
+def seconds_between(session: Session, start: Any, end: Any) -> ColumnElement[float]:
+    """`end - start` in seconds, computed by the database (no timestamps parsed in Python)."""
+    if dialect_of(session) == "postgresql":
+        return func.extract("epoch", end - start)
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
 def bulk_insert(session: Session, table: Any, rows: Sequence[dict[str, Any]],
                 same: Mapping[str, Any] | None = None) -> None:
     """Insert many rows through the driver's `executemany`, converting each value with its
