@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -58,7 +59,20 @@ class RulesEngine:
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def run(self, session: Session) -> list[RuleOutcome]:
-        """Evaluate every rule inside the caller's transaction."""
+        """Evaluate every rule inside the caller's transaction.
+
+        The cyclic garbage collector is paused meanwhile: a run makes hundreds of thousands of
+        short-lived objects, freed by reference counting, and each collection they would trigger
+        walks every live object of a large process (a daemon's, or one that seeded the store)."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(session)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self, session: Session) -> list[RuleOutcome]:
         now = self.clock()
         ctx = RuleContext(session=session, now=now, configs={rule.id: rule.config for rule in self.rules})
         lead_id = session.scalar(select(Person.id).where(Person.lead.is_(True)).order_by(Person.key).limit(1))
