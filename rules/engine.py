@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -13,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rules.base import Rule, RuleConfig, RuleContext, Verdict
+from store.batch import gc_paused
 from store.findings import Draft, ReconcileStats, reconcile
 from store.models import Person, Task
 
@@ -59,18 +59,9 @@ class RulesEngine:
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def run(self, session: Session) -> list[RuleOutcome]:
-        """Evaluate every rule inside the caller's transaction.
-
-        The cyclic garbage collector is paused meanwhile: a run makes hundreds of thousands of
-        short-lived objects, freed by reference counting, and each collection they would trigger
-        walks every live object of a large process (a daemon's, or one that seeded the store)."""
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        """Evaluate every rule inside the caller's transaction (bulk work: see store.batch)."""
+        with gc_paused():
             return self._run(session)
-        finally:
-            if was_enabled:
-                gc.enable()
 
     def _run(self, session: Session) -> list[RuleOutcome]:
         now = self.clock()

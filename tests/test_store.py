@@ -368,3 +368,24 @@ def test_content_hash_is_stable_across_processes() -> None:
                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"},
                              cwd=str(__import__("pathlib").Path(__file__).parent.parent))
         assert out.stdout.strip() == content_hash(FULL)
+
+
+def test_gc_pause_nests_and_restores_the_collectors_state() -> None:
+    import gc
+
+    from store.batch import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # another thread's bulk work, say
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # still paused until the outer pass ends
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a collector someone else turned off stays off
+    finally:
+        gc.enable()
