@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from store.canonical import ActivityRecord, IdentityRef, Status, TaskRecord, utc
 from store.models import OutboxAction, Person, Task, TaskEvent, TaskLink
 from store.people import IdentityResolver
-from store.sql import one_of
+from store.sql import bulk_insert, one_of
 
 # One IN () list per page stays well under every backend's bound-parameter limit.
 _CHUNK = 2000
@@ -176,7 +176,7 @@ class TaskWriter:
                 )
                 inserts.append(values)
         if inserts:
-            session.execute(insert(Task.__table__), inserts)  # Core executemany: no ORM bookkeeping
+            bulk_insert(session, Task.__table__, inserts)
             existing.update(self._existing(session, [v["external_id"] for v in inserts]))
             for values in inserts:
                 tid = existing[values["external_id"]][0]
@@ -187,7 +187,7 @@ class TaskWriter:
             session.execute(update(Task), updates)
         self._replace_links(session, [r for r, _ in changed], existing, fresh={v["external_id"] for v in inserts})
         if events:
-            session.execute(insert(TaskEvent.__table__), events)
+            bulk_insert(session, TaskEvent.__table__, events)
         stats.inserted, stats.updated, stats.events = len(inserts), len(updates), len(events)
         return stats
 
@@ -292,7 +292,7 @@ class TaskWriter:
                 rows.append({"declared_by": tid, "kind": str(link.kind), "src_source": src[0],
                              "src_external_id": src[1], "dst_source": dst[0], "dst_external_id": dst[1]})
         if rows:
-            session.execute(insert(TaskLink.__table__), rows)
+            bulk_insert(session, TaskLink.__table__, rows)
 
     def record_activities(self, session: Session, activities: Sequence[ActivityRecord]) -> int:
         """Bump `last_activity_at` and log an event for each activity on a known task."""
