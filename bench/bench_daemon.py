@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from bench_store import scratch  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from store.db import Store  # noqa: E402
 from store.models import SyncStateRow, Task  # noqa: E402
@@ -249,29 +249,19 @@ def memory_mb_peak(replica: Replica) -> float | None:
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     base = args.url or PG_DEFAULT
     farms = Farms(args.latency)
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
     out: dict[str, Any] = {"latency_s": args.latency, "runs": []}
     try:
         for replicas in args.replicas:
-            schema = f"bench_{uuid.uuid4().hex[:10]}"
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-            sep = "&" if "?" in base else "?"
-            url = f"{base}{sep}options=-csearch_path%3D{schema}"
-            Store(url).close()  # migrate first: the clock starts when replicas are up
-            folder = Path(tempfile.mkdtemp(prefix=f"trackloop-bench-scale{replicas}-"))
-            try:
+            with scratch(base) as url:
+                Store(url).close()  # migrate first: the clock starts when replicas are up
+                folder = Path(tempfile.mkdtemp(prefix=f"trackloop-bench-scale{replicas}-"))
                 result, _ = cold_sync(folder, url, farms.sections, replicas)
                 out["runs"].append(result)
                 print(json.dumps(result), file=sys.stderr)
-            finally:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         if len(out["runs"]) >= 2:
             out["speedup"] = round(out["runs"][-1]["tasks_per_second"] / out["runs"][0]["tasks_per_second"], 2)
     finally:
         farms.close()
-        admin.dispose()
     return out
 
 

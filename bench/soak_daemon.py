@@ -39,8 +39,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections import Counter
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, text  # noqa: E402
+from bench_store import scratch  # noqa: E402
 
 from sync.standins.base import Standin  # noqa: E402
 from sync.standins.world import DIGESTS, NOTIFY, PEOPLE, World  # noqa: E402
@@ -157,17 +157,9 @@ def main() -> int:
     for standin in (world.github, world.jira, world.slack):
         standin.latency = args.latency
     world.start()
-    schema = None
-    admin = None
-    if args.store == "postgresql":
-        schema = f"soak_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(args.url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        sep = "&" if "?" in args.url else "?"
-        url = f"{args.url}{sep}options=-csearch_path%3D{schema}"
-    else:
-        url = f"sqlite:///{folder / 'store.db'}"
+    cleanup = ExitStack()
+    store_url = args.url if args.store == "postgresql" else f"sqlite:///{folder / 'store.db'}"
+    url = cleanup.enter_context(scratch(store_url))  # PostgreSQL: a throwaway schema
     config = write_config(folder / "trackloop.toml", {
         "store": {"url": url},
         "daemon": {"lease": "5s", "max_backoff": "8s", "outbox_interval": "1s"},
@@ -256,10 +248,7 @@ def main() -> int:
             if r.alive:
                 r.kill()
         world.stop()
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            admin.dispose()
+        cleanup.close()
     report["failures"] = failures
     print(json.dumps(report, indent=2, default=str))
     return 1 if failures else 0

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.header import decode_header
 from email.message import EmailMessage
-from email.utils import format_datetime, getaddresses, parsedate_to_datetime
+from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
 from typing import Any, TypeVar
 
@@ -60,6 +60,7 @@ from connectors.smtp import (
     SmtpConfig,
     SmtpSender,
     address_domain,
+    compose,
     is_loopback,
     message_id_for,
     one_tls_mode,
@@ -1582,36 +1583,26 @@ class ImapConnector(Connector[ImapConfig, ImapCursor]):
             return False
 
     def _compose(self, action: Action, message_id: str) -> tuple[EmailMessage, str | None]:
-        cfg = self.config
-        message = EmailMessage()
-        message["From"] = cfg.reply_from
-        message["Date"] = format_datetime(self.now())
-        message["Message-ID"] = message_id
-        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no out-of-office answers to us
-        folder: str | None = None
+        """The message for `action`, and the folder of the thread it replies to (if any)."""
+        html = action.payload.get("html") if action.payload else None
         if action.kind == "email":
             if not action.target or not _EMAIL.match(action.target.strip()):
                 raise PushError(f"an email needs a target address, got {action.target!r}", permanent=True)
-            message["To"] = action.target.strip()
-            message["Subject"] = collapse(action.subject or "trackloop")
-        else:
-            context = dict(action.task_extra or {})
-            if not context.get("message_id") and action.task_external_id:
-                context = self._thread_context(action.task_external_id)
-            to = action.target or context.get("reply_to") or context.get("reporter")
-            if not to or not context.get("message_id"):
-                raise PushError(f"no thread to reply to for task {action.task_external_id!r}", permanent=True)
-            message["To"] = to
-            subject = action.subject or f"Re: {context.get('subject') or NO_SUBJECT}"
-            message["Subject"] = collapse(subject)
-            message["In-Reply-To"] = context.get("latest_message_id") or context["message_id"]
-            message["References"] = " ".join(context.get("references") or [context["message_id"]])
-            folder = context.get("folder")
-        message.set_content(action.text)
-        html = action.payload.get("html") if action.payload else None
-        if html:
-            message.add_alternative(str(html), subtype="html")
-        return message, folder
+            message = compose(self.config.reply_from, message_id, self.now(), to=action.target.strip(),
+                              subject=collapse(action.subject or "trackloop"), text=action.text, html=html)
+            return message, None
+        context = dict(action.task_extra or {})
+        if not context.get("message_id") and action.task_external_id:
+            context = self._thread_context(action.task_external_id)
+        to = action.target or context.get("reply_to") or context.get("reporter")
+        if not to or not context.get("message_id"):
+            raise PushError(f"no thread to reply to for task {action.task_external_id!r}", permanent=True)
+        subject = action.subject or f"Re: {context.get('subject') or NO_SUBJECT}"
+        message = compose(self.config.reply_from, message_id, self.now(), to=to, subject=collapse(subject),
+                          text=action.text, html=html)
+        message["In-Reply-To"] = context.get("latest_message_id") or context["message_id"]
+        message["References"] = " ".join(context.get("references") or [context["message_id"]])
+        return message, context.get("folder")
 
     def _thread_context(self, task_id: str) -> dict[str, Any]:
         """A reply's headers when the task's extra is missing: find the root message by Message-ID."""

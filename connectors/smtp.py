@@ -125,6 +125,21 @@ def message_id_for(key: str, domain: str) -> str:
     return f"<trackloop.{digest}@{domain}>"
 
 
+def compose(
+    sender: str, message_id: str, sent_at: datetime, *, to: str, subject: str, text: str, html: object = None
+) -> EmailMessage:
+    """A message from trackloop, marked `Auto-Submitted` (RFC 3834: no out-of-office answers to
+    us); raises ValueError for an address or subject EmailMessage refuses (e.g. a line break)."""
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = sender, to, subject
+    message["Date"], message["Message-ID"] = format_datetime(sent_at), message_id
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(text)
+    if html:
+        message.add_alternative(str(html), subtype="html")
+    return message
+
+
 class SmtpSender:
     """Sends messages one connection each (digests and replies are rare; no pooling needed)."""
 

@@ -111,17 +111,16 @@ def _business_seconds(moment: datetime) -> float:
     return weeks * _WORKWEEK + min(rest, _WORKWEEK)
 
 
-def business_elapsed(start: datetime, end: datetime) -> timedelta:
-    """Time between two instants that falls on Monday to Friday (UTC), for "3 business days"."""
-    if end <= start:
-        return timedelta(0)
-    return timedelta(seconds=_business_seconds(end) - _business_seconds(start))
-
-
 def business_since(end: datetime) -> Callable[[datetime], float]:
-    """`business_elapsed(start, end)` in seconds, for many starts and one end (its half done once)."""
+    """Seconds between a start and `end` that fall on Monday to Friday (UTC), for "3 business
+    days"; made once per `end` for many starts (its half of the sum is done once)."""
     until = _business_seconds(end)
     return lambda start: max(0.0, until - _business_seconds(start))
+
+
+def business_elapsed(start: datetime, end: datetime) -> timedelta:
+    """Time between two instants that falls on Monday to Friday (UTC)."""
+    return timedelta(seconds=business_since(end)(start))
 
 
 def days_text(value: timedelta, business: bool = False) -> str:

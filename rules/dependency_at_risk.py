@@ -62,7 +62,7 @@ class DependencyAtRisk(Rule[RuleConfig]):
                     options.append(Risk((nodes[blocker].ref, *risks[blocker].chain), risks[blocker].cause))
             if options:
                 risks[task] = min(options, key=lambda r: len(r.chain))
-        in_scope = self._in_scope(ctx, list(risks))
+        in_scope = _in_scope(ctx, list(risks), self.config)  # risk itself crosses scopes
         verdicts = []
         for task, risk in risks.items():
             if task not in in_scope:
@@ -91,23 +91,12 @@ class DependencyAtRisk(Rule[RuleConfig]):
         found = {tid: flagged[tid] for tid in ids & flagged.keys()}
         unknown = list(ids - flagged.keys())
         if base.enabled and unknown:
-            seen: set[int] = set()
-            for i in range(0, len(unknown), 5000):
-                stmt = ctx.scoped(select(Task.id).where(one_of(ctx.session, Task.id, unknown[i : i + 5000])), base)
-                seen.update(tid for (tid,) in ctx.session.execute(stmt))
+            seen = _in_scope(ctx, unknown, base)
             unknown = [tid for tid in unknown if tid not in seen]  # in scope and not flagged: not stale
         if unknown:
             unscoped = base.model_copy(update={"enabled": True, "sources": [], "labels": [], "owners": [],
                                                "exclude_labels": []})
             found.update((v.task_id, v) for v in StaleStatus(unscoped).stale(ctx, among=unknown))
-        return found
-
-    def _in_scope(self, ctx: RuleContext, ids: list[int]) -> set[int]:
-        """Which of the tasks at risk the rule's scope admits (risk itself crosses scopes)."""
-        found: set[int] = set()
-        for i in range(0, len(ids), 5000):
-            stmt = ctx.scoped(select(Task.id).where(one_of(ctx.session, Task.id, ids[i : i + 5000])), self.config)
-            found.update(tid for (tid,) in ctx.session.execute(stmt))
         return found
 
     @staticmethod
@@ -142,6 +131,15 @@ class DependencyAtRisk(Rule[RuleConfig]):
             nodes[bid] = Node(f"{bsrc}:{bext}", bdue)
             blockers[tid].add(bid)
         return nodes, blockers
+
+
+def _in_scope(ctx: RuleContext, ids: list[int], config: RuleConfig) -> set[int]:
+    """Which of `ids` a rule's scope admits."""
+    found: set[int] = set()
+    for i in range(0, len(ids), 5000):
+        stmt = ctx.scoped(select(Task.id).where(one_of(ctx.session, Task.id, ids[i : i + 5000])), config)
+        found.update(tid for (tid,) in ctx.session.execute(stmt))
+    return found
 
 
 def _components(nodes: dict[int, Node], edges: dict[int, set[int]]) -> list[list[int]]:

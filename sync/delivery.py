@@ -14,12 +14,10 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime
 
 from connectors.base import Connector
 from connectors.errors import AuthError, ConnectorError, PushError, TransientError
-from connectors.smtp import SmtpConfig, SmtpSender, address_domain, message_id_for
+from connectors.smtp import SmtpConfig, SmtpSender, address_domain, compose, message_id_for
 from store.canonical import Action, PushResult
 from store.db import Store
 from store.errors import TrackloopError
@@ -75,17 +73,12 @@ class SmtpMail:
         if not sender:
             raise PushError("[smtp] has no sender (and username is no address): set [smtp] sender", permanent=True)
         message_id = message_id_for(action.key, address_domain(sender))
-        message = EmailMessage()
         try:
-            message["From"], message["To"] = sender, (action.target or "").strip()
-            message["Subject"] = action.subject or "trackloop"
-        except ValueError as exc:  # an address or subject EmailMessage refuses (e.g. a line break)
+            message = compose(sender, message_id, self.clock(), to=(action.target or "").strip(),
+                              subject=action.subject or "trackloop", text=action.text,
+                              html=action.payload.get("html"))
+        except ValueError as exc:
             raise PushError(f"[smtp]: cannot compose the message: {exc}", permanent=True) from None
-        message["Date"], message["Message-ID"] = format_datetime(self.clock()), message_id
-        message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no out-of-office answers to us
-        message.set_content(action.text)
-        if action.payload.get("html"):
-            message.add_alternative(str(action.payload["html"]), subtype="html")
         try:
             SmtpSender(self.config, logger=log).send(message)
         except (TransientError, AuthError) as exc:
